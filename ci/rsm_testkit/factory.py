@@ -1,0 +1,77 @@
+"""The registry of tiny-model builders and their on-disk cache.
+
+A builder is a function `build(out_dir: Path) -> None` registered with `@tiny_model(name)`. Its output is
+cached under `<root>/<name>-<hash>`, where the hash covers the builder's source code and the library
+versions that define the on-disk format, so editing a builder rebuilds it and nothing else.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib
+import inspect
+import os
+import shutil
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+from typing import Callable
+
+Builder = Callable[[Path], None]
+TINY_MODELS: dict[str, Builder] = {}
+# Modules that register builders; imported on first use so `import rsm_testkit` stays cheap.
+BUILDER_MODULES = ("rsm_testkit.diffusion", "rsm_testkit.rewards_clip", "rsm_testkit.rewards_blip")
+FORMAT_PACKAGES = ("diffusers", "transformers", "open_clip_torch", "torch")
+
+
+def tiny_model(name: str) -> Callable[[Builder], Builder]:
+    def register(fn: Builder) -> Builder:
+        TINY_MODELS[name] = fn
+        return fn
+    return register
+
+
+def _load_builders() -> None:
+    for module in BUILDER_MODULES:
+        importlib.import_module(module)
+
+
+def cache_root() -> Path:
+    """`$RSM_TINY_MODELS`, else ~/.cache/rsm_tiny_models."""
+    root = os.environ.get("RSM_TINY_MODELS")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "rsm_tiny_models"
+
+
+def _key(name: str, fn: Builder) -> str:
+    digest = hashlib.sha256(inspect.getsource(inspect.getmodule(fn)).encode())
+    for package in FORMAT_PACKAGES:
+        digest.update(f"{package}={version(package)}".encode())
+    return f"{name}-{digest.hexdigest()[:12]}"
+
+
+def get_tiny_model(name: str, root: Path | None = None) -> Path:
+    """Path of the tiny checkpoint `name`, building it on first use (safe across processes)."""
+    _load_builders()
+    if name not in TINY_MODELS:
+        raise KeyError(f"unknown tiny model {name!r}; available: {', '.join(sorted(TINY_MODELS))}")
+    root = Path(root) if root else cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / _key(name, TINY_MODELS[name])
+    if target.is_dir():
+        return target
+    with open(root / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another test process may be building the same model
+        if not target.is_dir():
+            staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+            try:
+                TINY_MODELS[name](staging)
+                staging.rename(target)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+    return target
+
+
+def build_all(root: Path | None = None) -> dict[str, Path]:
+    _load_builders()
+    return {name: get_tiny_model(name, root) for name in sorted(TINY_MODELS)}
