@@ -42,7 +42,7 @@ test: tiny-models
 	$(PY) ci/run_tests.py
 
 demo: tiny-models
-	$(PY) -m rsm_testkit.demo --out outputs/demo
+	HF_HUB_OFFLINE=1 $(PY) -m rsm_testkit.demo --out outputs/demo
 
 bench: tiny-models
 	$(PY) shared_rewards/bench/bench_rewards.py

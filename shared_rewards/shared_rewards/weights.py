@@ -39,6 +39,16 @@ def rank_zero_first() -> Iterator[None]:
             dist.barrier()
 
 
+def looks_like_path(source: str) -> bool:
+    """Hub ids are `name` or `owner/name`; anything else that does not exist is a missing local path."""
+    text = str(source)
+    return text.startswith(("/", ".", "~")) or text.count("/") > 1 or text.endswith((".pt", ".pth", ".bin", ".safetensors"))
+
+
+def _missing(reward: str, option: str, source: str) -> RewardWeightsError:
+    return RewardWeightsError(f"{reward}: {option}={source!r} does not exist (give an existing local path or a hub id)")
+
+
 def resolve_file(reward: str, source: str | os.PathLike, filename: str, option: str = "weights") -> Path:
     """`source` is a file, a directory holding `filename`, or a hub repo id holding `filename`."""
     path = Path(source).expanduser()
@@ -49,6 +59,8 @@ def resolve_file(reward: str, source: str | os.PathLike, filename: str, option: 
         if not candidate.is_file():
             raise RewardWeightsError(f"{reward}: {option}={str(source)!r} is a directory without {filename!r}")
         return candidate
+    if looks_like_path(str(source)):
+        raise _missing(reward, option, str(source))
     try:
         from huggingface_hub import hf_hub_download
 
@@ -64,6 +76,8 @@ def load_pretrained(reward: str, loader: Callable[[str], T], source: str | os.Pa
     path = Path(source).expanduser()
     if path.exists() and not path.is_dir():
         raise RewardWeightsError(f"{reward}: {option}={str(source)!r} must be a model directory or a hub id")
+    if not path.exists() and looks_like_path(str(source)):
+        raise _missing(reward, option, str(source))
     try:
         with rank_zero_first():
             return loader(str(path) if path.is_dir() else str(source))
