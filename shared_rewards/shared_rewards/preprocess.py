@@ -39,8 +39,8 @@ def _resize(images: torch.Tensor, height: int, width: int, antialias: bool) -> t
 def resize_shorter_center_crop(images: torch.Tensor, size: int, antialias: bool = True) -> torch.Tensor:
     """CLIPImageProcessor geometry: shorter side to `size` (bicubic), then a centre crop. [B,3,size,size]"""
     h, w = images.shape[-2:]
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    # the longer side is floored, as in CLIPImageProcessor and torchvision's Resize(int)
+    nh, nw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
     images = _resize(images, nh, nw, antialias)
     top, left = (nh - size) // 2, (nw - size) // 2
     return images[..., top:top + size, left:left + size]
