@@ -8,14 +8,13 @@ loads them with the same `from_pretrained` calls it uses for the real weights:
     taesd3  AutoencoderTiny.from_pretrained(path)            decodes sd35 latents (16 ch, 8x)
     sd15    StableDiffusionPipeline.from_pretrained(path)    UNet + CLIP-L-like text encoder, 4 latent ch.
 
-Defaults: 64 px images (8x8 latents). Every directory is well under a few MB and builds in seconds.
+Defaults: 64 px images (8x8 latents). Every directory is about 1 MB and builds in seconds. Heavy imports
+happen inside the builders, so registering them (`import rsm_testkit.diffusion`) is cheap.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import torch
 
 from .factory import tiny_model
 from .tokenizers import clip_tokenizer, special_ids, t5_tokenizer
@@ -30,6 +29,12 @@ SD15_SCALING_FACTOR = 0.18215
 # Four encoder/decoder blocks -> three 2x down/up-samplings -> 8x, like the real VAEs.
 TINY_VAE_BLOCKS = (8, 8, 8, 8)
 TINY_IMAGE_SIZE = 64
+
+
+def _seed() -> None:
+    import torch
+
+    torch.manual_seed(SEED)
 
 
 def _tiny_vae(latent_channels: int, scaling_factor: float, shift_factor: float | None, quant_conv: bool):
@@ -67,7 +72,7 @@ def build_sd35(out_dir: Path) -> None:
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    torch.manual_seed(SEED)
+    _seed()
     # SD3.5's tokenizer pads with <|endoftext|>, tokenizer_2 with "!" (the hub tokenizer configs).
     tokenizer, tokenizer_2 = clip_tokenizer(), clip_tokenizer(pad_token="!")
     tokenizer_3 = t5_tokenizer(model_max_length=256)
@@ -107,7 +112,7 @@ def build_taesd3(out_dir: Path) -> None:
     """
     from diffusers import AutoencoderTiny
 
-    torch.manual_seed(SEED)
+    _seed()
     vae = AutoencoderTiny(
         in_channels=3, out_channels=3, latent_channels=SD3_LATENT_CHANNELS,
         encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
@@ -137,7 +142,7 @@ def build_sd15(out_dir: Path) -> None:
     from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    torch.manual_seed(SEED)
+    _seed()
     tokenizer = clip_tokenizer()
     text_encoder = CLIPTextModel(_clip_text_config(32, tokenizer))
     unet = UNet2DConditionModel(
