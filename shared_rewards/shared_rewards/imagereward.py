@@ -102,17 +102,18 @@ class ImageRewardReward(Reward):
         self.image_size = self.vision.config.image_size  # 224 for v1.0
 
     def pixels(self, images: torch.Tensor) -> torch.Tensor:
-        """[B,3,H,W] in [0,1] -> normalised [B,3,S,S]: shorter side to S (bicubic), centre crop, CLIP stats."""
+        """[B,3,H,W] in [0,1] -> normalised [B,3,S,S]: shorter side to S (bicubic), centre crop, CLIP stats.
+        Preprocessing runs in float32 on the images' device; the result is cast to the model dtype."""
         if self.path == "tensor":
-            pixels = resize(images.to(self.dtype), self.image_size, "crop", antialias=True)
+            pixels = resize(images.float(), self.image_size, "crop", antialias=True)
         else:
             from torchvision.transforms import InterpolationMode
             from torchvision.transforms import functional as TF
 
             crops = [TF.to_tensor(TF.center_crop(TF.resize(im, self.image_size, InterpolationMode.BICUBIC),
                                                  self.image_size)) for im in to_pil(images)]
-            pixels = torch.stack(crops).to(device=self.device, dtype=self.dtype)
-        return normalize(pixels.to(self.device))
+            pixels = torch.stack(crops)
+        return normalize(pixels.to(self.device)).to(self.dtype)
 
     def score(self, images: torch.Tensor, prompts: Sequence[str] | None, metadata) -> RewardOutput:
         image_embeds = self.vision(pixel_values=self.pixels(images)).last_hidden_state  # [B, 1+N, Dv]

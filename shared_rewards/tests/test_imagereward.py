@@ -90,6 +90,13 @@ def test_pil_path_matches_tensor_path_within_uint8_rounding(options, reward, siz
     assert not pil(x, PROMPTS[:2]).scores.requires_grad
 
 
+def test_bfloat16_models_score_close_to_float32(options, reward):
+    half = load_reward("imagereward", dtype="bfloat16", **options)
+    assert half.vision.dtype == torch.bfloat16 and half.head.layers[0].weight.dtype == torch.float32
+    x = images()
+    torch.testing.assert_close(half(x, PROMPTS).scores, reward(x, PROMPTS).scores, atol=0.05, rtol=0)
+
+
 def test_the_first_token_is_cls_and_blip_special_tokens_are_added(reward):
     tok = reward.tokenizer
     ids = tok(["a cat"], padding="max_length", max_length=35).input_ids[0]
@@ -195,7 +202,8 @@ def test_a_checkpoint_with_a_wrong_shape_names_the_key(built, options, tmp_path)
         load_reward("imagereward", weights=write(tmp_path, sd), tokenizer=options["tokenizer"])
 
 
-def test_missing_weights_name_the_weights_option(options, tmp_path):
+def test_missing_weights_name_the_weights_option(options, tmp_path, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # fail fast without the runner's env
     with pytest.raises(RewardWeightsError, match=r"imagereward: weights='.*' is a directory without 'ImageReward.pt'"):
         load_reward("imagereward", weights=str(tmp_path), tokenizer=options["tokenizer"])
     with pytest.raises(RewardWeightsError, match=r"imagereward: weights='.*nope' does not exist"):
@@ -207,6 +215,12 @@ def test_missing_weights_name_the_weights_option(options, tmp_path):
 def test_a_missing_tokenizer_names_the_tokenizer_option(options, tmp_path):
     with pytest.raises(RewardWeightsError, match=r"imagereward: tokenizer='.*nope' does not exist"):
         load_reward("imagereward", weights=options["weights"], tokenizer=str(tmp_path / "nope"))
+
+
+def test_med_config_without_cross_attention_is_refused(built, options, tmp_path):
+    med = {**rewards_blip.TINY_MED_CONFIG, "add_cross_attention": False}
+    with pytest.raises(CheckpointKeyError, match="add_cross_attention"):
+        load_reward("imagereward", weights=write(tmp_path, built[3], med_config=med), tokenizer=options["tokenizer"])
 
 
 @pytest.mark.parametrize("bad, message", [({"path": "numpy"}, "path must be one of"),
