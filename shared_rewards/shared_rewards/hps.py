@@ -24,11 +24,14 @@ AMP_DTYPES = (None, "float16")
 
 def load_state_dict(reward: str, path: Path) -> dict[str, torch.Tensor]:
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state = checkpoint.get("state_dict", checkpoint)
-    if not isinstance(state, dict) or "logit_scale" not in state:
-        raise RewardWeightsError(f"{reward}: {str(path)!r} is not an HPS checkpoint (no state_dict/logit_scale)")
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise RewardWeightsError(f"{reward}: {str(path)!r} is not an HPS checkpoint (no state_dict)")
     # checkpoints saved from a DistributedDataParallel model carry a "module." prefix
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if "logit_scale" not in state:
+        raise RewardWeightsError(f"{reward}: {str(path)!r} is not an HPS checkpoint (no logit_scale)")
+    return state
 
 
 class HPSv2Reward(Reward):
