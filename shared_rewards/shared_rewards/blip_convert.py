@@ -87,7 +87,7 @@ def split_checkpoint(state_dict: Mapping[str, torch.Tensor], source: str = "chec
         if name.startswith(VISION_PREFIX):
             target = rename_vision(name[len(VISION_PREFIX):])
             if target is None:
-                raise CheckpointKeyError(f"imagereward: {source} has an unexpected key {key!r} (no ViT rule matches it)")
+                raise CheckpointKeyError(f"imagereward: {source} has an unexpected key {key!r} (no ViT rule)")
             parts["vision"][target] = value
         elif name.startswith(TEXT_PREFIX):  # med.py BERT and transformers' BlipText share names
             parts["text"][name[len(TEXT_PREFIX):]] = value

@@ -7,7 +7,6 @@ checkpoint is renamed into `BlipVisionModel` + `BlipTextModel` by `blip_convert.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -17,7 +16,6 @@ from .base import Reward, RewardOutput
 from .preprocess import normalize, resize, to_pil
 from .weights import load_pretrained, resolve_file
 
-logger = logging.getLogger(__name__)
 
 # Reward standardisation, ImageReward/ImageReward.py (`self.mean`, `self.std`).
 RAW_MEAN = 0.16717362830052426
@@ -97,7 +95,8 @@ class ImageRewardReward(Reward):
             raise ValueError(f"{self.name}: max_length must be in [1, {limit}], got {max_length!r}")
         if len(self.tokenizer) > self.text.config.vocab_size:
             raise ValueError(f"{self.name}: tokenizer has {len(self.tokenizer)} tokens but the text encoder only "
-                             f"{self.text.config.vocab_size}; tokenizer={tokenizer!r} does not match weights={weights!r}")
+                             f"{self.text.config.vocab_size}; tokenizer={tokenizer!r} does not match "
+                             f"weights={weights!r}")
         self.max_length = int(max_length)
         self.image_size = self.vision.config.image_size  # 224 for v1.0
 

@@ -115,7 +115,8 @@ class OCRReward(Reward):
         rewards, texts = [], []
         for i, (found, error) in enumerate(zip(lines, errors)):
             if error is not None:
-                logger.warning("%s: OCR failed on image %d (%s: %s); reward 0", self.name, i, type(error).__name__, error)
+                logger.warning("%s: OCR failed on image %d (%s: %s); reward 0",
+                               self.name, i, type(error).__name__, error)
             rewards.append(0.0 if error is not None else ocr_reward_from_text(found, prompts[i]))
             texts.append("" if error is not None else "".join(found))
         failed = torch.tensor([e is not None for e in errors], dtype=torch.float32)

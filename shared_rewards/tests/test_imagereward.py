@@ -208,13 +208,22 @@ def test_missing_weights_name_the_weights_option(options, tmp_path, monkeypatch)
         load_reward("imagereward", weights=str(tmp_path), tokenizer=options["tokenizer"])
     with pytest.raises(RewardWeightsError, match=r"imagereward: weights='.*nope' does not exist"):
         load_reward("imagereward", weights=str(tmp_path / "nope"), tokenizer=options["tokenizer"])
-    with pytest.raises(RewardWeightsError, match=r"imagereward: cannot load ImageReward.pt from weights='no-org/no-ir'"):
+    with pytest.raises(RewardWeightsError, match=r"cannot load ImageReward.pt from weights='no-org/no-ir'"):
         load_reward("imagereward", weights="no-org/no-ir", tokenizer=options["tokenizer"])
 
 
 def test_a_missing_tokenizer_names_the_tokenizer_option(options, tmp_path):
     with pytest.raises(RewardWeightsError, match=r"imagereward: tokenizer='.*nope' does not exist"):
         load_reward("imagereward", weights=options["weights"], tokenizer=str(tmp_path / "nope"))
+
+
+def test_a_tokenizer_larger_than_the_text_vocabulary_is_refused(options, tmp_path):
+    from transformers import BertTokenizer
+
+    words = rewards_blip.TINY_VOCAB + [f"word{i}" for i in range(50)]
+    BertTokenizer(vocab={w: i for i, w in enumerate(words)}).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"tokenizer has \d+ tokens but the text encoder only \d+"):
+        load_reward("imagereward", weights=options["weights"], tokenizer=str(tmp_path))
 
 
 def test_med_config_without_cross_attention_is_refused(built, options, tmp_path):
