@@ -6,7 +6,6 @@ typical SD images score 0.20-0.35 (the HPS tables print 100x this).
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -67,13 +66,16 @@ class HPSv2Reward(Reward):
         self.differentiable = path == "tensor"
 
         checkpoint = resolve_file(self.name, weights, CHECKPOINTS[version], option="weights")
-        config = checkpoint.parent / "open_clip_config.json"
-        model_name = f"local-dir:{checkpoint.parent}" if config.is_file() else arch
-        if config.is_file() and "model_cfg" not in json.loads(config.read_text()):
-            raise RewardWeightsError(f"{self.name}: {str(config)!r} has no 'model_cfg' entry")
-        # architecture only: the HPS weights replace everything, so no open_clip pretrained download
+        has_config = (checkpoint.parent / "open_clip_config.json").is_file()
+        model_name = f"local-dir:{checkpoint.parent}" if has_config else arch
+        # architecture only (open_clip then warns "initialized randomly"): the HPS state dict replaces it all
         model = open_clip.create_model(model_name, pretrained=None, load_weights=False)
-        model.load_state_dict(load_state_dict(self.name, checkpoint))
+        try:
+            model.load_state_dict(load_state_dict(self.name, checkpoint))
+        except RuntimeError as exc:  # strict key/shape mismatch: wrong arch for these weights
+            first_line = str(exc).strip().splitlines()[0]
+            raise RewardWeightsError(f"{self.name}: {str(checkpoint)!r} does not fit the {model_name} "
+                                     f"architecture ({first_line})") from exc
         self.model = freeze(model, self.device, self.dtype)
         self.tokenizer = open_clip.get_tokenizer(model_name)
         size = self.model.visual.image_size  # an int or an (H, W) pair, square for every CLIP we know

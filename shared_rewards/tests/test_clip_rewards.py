@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -193,6 +194,18 @@ def test_hps_antialias_changes_downsampled_scores_only():
     assert not torch.allclose(sharp(large, p).scores, smooth(large, p).scores)
 
 
+def test_hps_weights_of_another_architecture_are_a_weights_error(tmp_path):
+    from rsm_testkit.rewards_clip import HPS_OPEN_CLIP_CONFIG
+
+    source = rsm_testkit.tiny_reward_options("hpsv2")["weights"]
+    config = json.loads(json.dumps(HPS_OPEN_CLIP_CONFIG))
+    config["model_cfg"]["embed_dim"] = 24
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
+    (tmp_path / "HPS_v2.1_compressed.pt").write_bytes((Path(source) / "HPS_v2.1_compressed.pt").read_bytes())
+    with pytest.raises(RewardWeightsError, match="does not fit the local-dir:"):
+        load_reward("hpsv2", weights=str(tmp_path))
+
+
 @pytest.mark.parametrize("option, value", [("version", "v3"), ("amp_dtype", "bfloat16")])
 def test_hps_bad_option_values_are_value_errors(option, value):
     with pytest.raises(ValueError, match=rf"hpsv2: {option} must be one of"):
@@ -314,3 +327,27 @@ def test_clipscore_w_gives_w_times_the_positive_part_of_the_cosine():
 def test_clipscore_non_positive_w_is_a_value_error():
     with pytest.raises(ValueError, match="clipscore: w must be None or a number > 0"):
         reward("clipscore", w=0)
+
+
+# ---------------------------------------------------------------- on a GPU, when there is one
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.parametrize("name", REWARDS)
+def test_cuda_scores_match_cpu_scores_and_stay_on_the_gpu(name):
+    on_gpu = load_reward(name, device="cuda", **rsm_testkit.tiny_reward_options(name))
+    x = images(height=64, width=48)
+    scores = on_gpu(x.cuda(), prompts()).scores
+    assert scores.device.type == "cuda"
+    torch.testing.assert_close(scores.cpu(), reward(name)(x, prompts()).scores, atol=2e-3, rtol=2e-3)
+
+
+@cuda
+def test_hps_fp16_autocast_stays_close_to_fp32_on_cuda():
+    options = rsm_testkit.tiny_reward_options("hpsv2")
+    x, p = images().cuda(), prompts()
+    fp32 = load_reward("hpsv2", device="cuda", **options)(x, p).scores
+    fp16 = load_reward("hpsv2", device="cuda", amp_dtype="float16", **options)(x, p).scores
+    torch.testing.assert_close(fp16, fp32, atol=5e-3, rtol=0)
