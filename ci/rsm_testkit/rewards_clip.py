@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .factory import get_tiny_model, tiny_model
+from .tokenizers import clip_tokenizer, special_ids
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -34,7 +35,7 @@ HPS_OPEN_CLIP_CONFIG = {
 @tiny_model("hps")
 def build_hps(out_dir: Path) -> None:
     """xswu/HPSv2 layout: {"state_dict": ...} files per version, plus the config describing the tiny arch.
-    The real files are fp16 ("compressed"); so are these, which also keeps the 49408-row embedding small."""
+    Saved in fp16 to keep the 49408-row token embedding small; load_state_dict casts to the model's dtype."""
     import open_clip
 
     (out_dir / "open_clip_config.json").write_text(json.dumps(HPS_OPEN_CLIP_CONFIG, indent=2))
@@ -45,28 +46,14 @@ def build_hps(out_dir: Path) -> None:
         torch.save({"state_dict": state}, out_dir / filename)
 
 
-def _clip_tokenizer():
-    """A CLIP byte-level BPE tokenizer with the 512 single-byte tokens, no merges, and the specials last
-    (as in the real vocab, so the end-of-text id is the largest)."""
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import CLIPTokenizer
-
-    alphabet = sorted(ByteLevel.alphabet())
-    tokens = alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
-    tokenizer = CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=77)
-    return tokenizer
-
-
 def _write_tiny_hf_clip(out_dir: Path, seed: int) -> None:
     """A CLIPModel + CLIPProcessor directory, as save_pretrained writes them for openai/clip-* repos."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    tokenizer = _clip_tokenizer()
-    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-               "pad_token_id": tokenizer.pad_token_id}
+    tokenizer = clip_tokenizer()  # CLIP's byte-level BPE layout, end-of-text the largest id as in the real vocab
     config = CLIPConfig(
         text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77, **special),
+                         num_attention_heads=2, max_position_embeddings=77, **special_ids(tokenizer)),
         vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
                            image_size=IMAGE_SIZE, patch_size=8),
         projection_dim=PROJECTION_DIM,
