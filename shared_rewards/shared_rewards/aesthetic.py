@@ -82,10 +82,10 @@ class AestheticReward(Reward):
         self.head = freeze(load_head(self.name, weights), self.device, self.dtype)
         self.clip = freeze(load_hf_model(self.name, CLIPModel, clip, "clip"), self.device, self.dtype)
         self.image_size = self.clip.config.vision_config.image_size
-        embed_dim = self.clip.config.projection_dim
-        if self.head.layers[0].in_features != embed_dim:
-            raise RewardWeightsError(f"{self.name}: the head in weights={weights!r} takes {self.head.layers[0].in_features}"
-                                     f"-d embeddings but clip={clip!r} makes {embed_dim}-d ones")
+        head_dim, embed_dim = self.head.layers[0].in_features, self.clip.config.projection_dim
+        if head_dim != embed_dim:
+            raise RewardWeightsError(f"{self.name}: the head in weights={weights!r} takes {head_dim}-d embeddings "
+                                     f"but clip={clip!r} makes {embed_dim}-d ones")
         self.image_processor = load_hf_image_processor(self.name, clip, "clip") if path == "pil" else None
 
     def pixel_values(self, images: torch.Tensor) -> torch.Tensor:

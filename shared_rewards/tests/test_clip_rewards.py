@@ -264,7 +264,8 @@ def test_aesthetic_head_is_one_affine_map_of_the_normalised_embedding():
         embedding = r.clip.get_image_features(pixel_values=r.pixel_values(x))
         embedding = getattr(embedding, "pooler_output", embedding)
         embedding = embedding / embedding.norm(dim=-1, keepdim=True)  # [B, D]
-    weight, bias = torch.eye(embedding.shape[1], dtype=torch.float64), torch.zeros(embedding.shape[1], dtype=torch.float64)
+    dim = embedding.shape[1]
+    weight, bias = torch.eye(dim, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64)
     for layer in r.head.layers:
         if isinstance(layer, torch.nn.Linear):  # compose x -> Wx + b through the five linear layers
             w, b = layer.weight.double(), layer.bias.double()
