@@ -118,6 +118,16 @@ def test_tensor_and_pil_paths_agree_within_measured_tolerance(name, size_index, 
 
 
 @pytest.mark.parametrize("name", REWARDS)
+@pytest.mark.parametrize("height, width", [(64, 48), (48, 64), (75, 40)])
+def test_tensor_path_resize_geometry_matches_the_reference_processor(name, height, width):
+    """Pixel-level check of the crop/pad geometry on non-square images: mean |diff| is ~0.005 (normalised
+    units) when the geometry matches and ~0.3 when the resize is off by one pixel or the crop is shifted."""
+    x = images(2, height, width)
+    diff = (reward(name, path="tensor").pixel_values(x) - reward(name, path="pil").pixel_values(x)).abs()
+    assert diff.mean() < 0.02
+
+
+@pytest.mark.parametrize("name", REWARDS)
 def test_unknown_path_is_a_value_error_naming_the_option(name):
     with pytest.raises(ValueError, match=r"path must be one of \('tensor', 'pil'\)"):
         reward(name, path="numpy")
