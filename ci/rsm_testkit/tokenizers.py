@@ -58,31 +58,41 @@ def _byte_to_unicode() -> dict[int, str]:
     return chars
 
 
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's BPE of one pre-tokenized word: byte symbols, "</w>" on the last, best-ranked merge first."""
+    symbols = ["".join(_byte_to_unicode()[b] for b in ch.encode()) for ch in word]
+    symbols[-1] += "</w>"
+    while len(symbols) > 1:
+        pairs = [(ranks.get(pair, len(ranks) + 1), i) for i, pair in enumerate(zip(symbols, symbols[1:]))]
+        rank, i = min(pairs)
+        if rank > len(ranks):
+            break
+        symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
+    return symbols
+
+
 def clip_tokenizer(vocab_words: Iterable[str] = PROMPT_WORDS, model_max_length: int = 77,
                    pad_token: str = "<|endoftext|>"):
     """A real `CLIPTokenizer` with a tiny byte-level BPE vocabulary.
 
     Layout as CLIP's: the 256 byte symbols, the same with the end-of-word mark "</w>", one token per
-    merge (here: merges that spell each word left to right), then `<|startoftext|>` and `<|endoftext|>`.
+    merge (here: just the merges that make each word of `vocab_words` one token), then `<|startoftext|>`
+    and `<|endoftext|>`.
     Pad is `<|endoftext|>` as in SD1.5's tokenizer (SD3's tokenizer_2 pads with "!": pass pad_token="!").
     """
     from transformers import CLIPTokenizer
 
     byte_symbols = [_byte_to_unicode()[b] for b in range(256)]
     tokens = byte_symbols + [s + "</w>" for s in byte_symbols]
-    merges: list[tuple[str, str]] = []
-    known = set(tokens)
+    ranks: dict[tuple[str, str], int] = {}
     for word in _unique(vocab_words):
-        symbols = ["".join(_byte_to_unicode()[b] for b in ch.encode()) for ch in word]
-        symbols[-1] += "</w>"
-        while len(symbols) > 1:
-            left, right = symbols[0], symbols[1]
-            merged = left + right
-            if merged not in known:
-                merges.append((left, right))
-                tokens.append(merged)
-                known.add(merged)
-            symbols = [merged, *symbols[2:]]
+        symbols = _bpe(word, ranks)
+        while len(symbols) > 1:  # a merge of lowest priority cannot change the words already spelled
+            ranks[symbols[0], symbols[1]] = len(ranks)
+            if symbols[0] + symbols[1] not in tokens:
+                tokens.append(symbols[0] + symbols[1])
+            symbols = _bpe(word, ranks)
+    merges = sorted(ranks, key=ranks.__getitem__)
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {t: i for i, t in enumerate(tokens)}
     return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=model_max_length)

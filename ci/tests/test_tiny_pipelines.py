@@ -148,3 +148,33 @@ def test_tokenizers_load_with_their_real_classes_and_round_trip(request, tiny_mo
         text_encoder = getattr(pipe, slot.replace("tokenizer", "text_encoder"))
         assert text_encoder.config.vocab_size == len(tokenizer)
         assert tokenizer.decode(tokenizer("a photo of a cat").input_ids, skip_special_tokens=True) == "a photo of a cat"
+
+
+def test_sd35_prompt_embeddings_have_the_real_layout(sd35):
+    """CLIP-L + CLIP-G hidden states padded to the T5 width, then T5's 256 tokens: [B, 77 + 256, D]."""
+    embeds, negative, pooled, negative_pooled = sd35.encode_prompt(PROMPTS, PROMPTS, PROMPTS, do_classifier_free_guidance=True)
+    width = sd35.text_encoder_3.config.d_model
+    assert embeds.shape == negative.shape == (2, 77 + 256, width) == (2, 333, sd35.transformer.config.joint_attention_dim)
+    clip_width = sd35.text_encoder.config.projection_dim + sd35.text_encoder_2.config.projection_dim
+    assert pooled.shape == negative_pooled.shape == (2, clip_width) == (2, sd35.transformer.config.pooled_projection_dim)
+
+
+@pytest.mark.parametrize("make", ["clip_tokenizer", "t5_tokenizer", "bert_tokenizer", "word_level_tokenizer"])
+def test_offline_tokenizers_round_trip_and_take_any_prompt(tmp_path, make):
+    from transformers import AutoTokenizer
+
+    from rsm_testkit import tokenizers
+
+    tokenizer = getattr(tokenizers, make)()
+    prompts = ["A photo of a cat, 8k!", "ünïcödé zorblax 日本 ✨", ""]
+    batch = tokenizer(prompts, padding="max_length", max_length=24, truncation=True)
+    assert all(len(row) == 24 for row in batch.input_ids)
+    assert all(0 <= i < len(tokenizer) for row in batch.input_ids for i in row)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert type(loaded).__name__ == type(tokenizer).__name__
+    assert loaded(prompts, padding="max_length", max_length=24, truncation=True).input_ids == batch.input_ids
+    # every word of the built-in list is one known token (CLIP's BPE merges spell each of them whole)
+    for word in ("cat", "astronaut", "photograph", "beach"):
+        ids = tokenizer(word, add_special_tokens=False).input_ids
+        assert len(ids) == 1 and ids[0] != tokenizer.unk_token_id
