@@ -328,8 +328,8 @@ def test_clipscore_is_the_raw_cosine_by_default():
 
 
 def test_clipscore_w_gives_w_times_the_positive_part_of_the_cosine():
-    x = images(8, height=64, width=64, seed=0)  # a mix of signs, asserted below
-    p = list(PROMPTS) * 2
+    x = images(16, height=64, width=64, seed=0)  # enough random pairs for both signs (asserted below)
+    p = list(PROMPTS) * 4
     cosine = reward("clipscore")(x, p).scores
     assert (cosine < 0).any() and (cosine > 0).any()  # both branches of max(cos, 0) are exercised
     assert torch.equal(reward("clipscore", w=2.5)(x, p).scores, 2.5 * cosine.clamp(min=0))
