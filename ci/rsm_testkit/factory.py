@@ -1,8 +1,8 @@
 """The registry of tiny-model builders and their on-disk cache.
 
 A builder is a function `build(out_dir: Path) -> None` registered with `@tiny_model(name)`. Its output is
-cached under `<root>/<name>-<hash>`, where the hash covers the builder's source code and the library
-versions that define the on-disk format, so editing a builder rebuilds it and nothing else.
+cached under `<root>/<name>-<hash>`, where the hash covers the builder module's source, the shared helper
+modules and the library versions that define the on-disk format, so editing a builder rebuilds it and nothing else.
 """
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ Builder = Callable[[Path], None]
 TINY_MODELS: dict[str, Builder] = {}
 # Modules that register builders; imported on first use so `import rsm_testkit` stays cheap.
 BUILDER_MODULES = ("rsm_testkit.diffusion", "rsm_testkit.rewards_clip", "rsm_testkit.rewards_blip")
+# Helpers the builders share: their source is part of every key, so a change there rebuilds everything.
+SHARED_MODULES = ("rsm_testkit.tokenizers",)
 FORMAT_PACKAGES = ("diffusers", "transformers", "open_clip_torch", "torch")
 
 
@@ -44,6 +46,8 @@ def cache_root() -> Path:
 
 def _key(name: str, fn: Builder) -> str:
     digest = hashlib.sha256(inspect.getsource(inspect.getmodule(fn)).encode())
+    for module in SHARED_MODULES:
+        digest.update(inspect.getsource(importlib.import_module(module)).encode())
     for package in FORMAT_PACKAGES:
         digest.update(f"{package}={version(package)}".encode())
     return f"{name}-{digest.hexdigest()[:12]}"
@@ -70,6 +74,20 @@ def get_tiny_model(name: str, root: Path | None = None) -> Path:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
     return target
+
+
+def tiny_reward_options(reward: str) -> dict:
+    """The `load_reward` options that point reward `reward` at its tiny checkpoints.
+
+    Builder modules may define `reward_options() -> {reward name: {option: value}}`; rewards without
+    weights (JPEG) need no options.
+    """
+    _load_builders()
+    for module in BUILDER_MODULES:
+        table = getattr(importlib.import_module(module), "reward_options", None)
+        if table is not None and reward in (options := table()):
+            return options[reward]
+    return {}
 
 
 def build_all(root: Path | None = None) -> dict[str, Path]:
