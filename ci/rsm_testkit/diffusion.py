@@ -20,8 +20,6 @@ from .factory import tiny_model
 from .tokenizers import clip_tokenizer, special_ids, t5_tokenizer
 
 SEED = 0
-# The cache key hashes this file only: bump when a change to tokenizers.py changes what the builders write.
-TOKENIZERS_REVISION = 2
 # SD3 / SD3.5 VAE latent contract (stabilityai/stable-diffusion-3.5-medium, vae/config.json).
 SD3_LATENT_CHANNELS = 16
 SD3_SCALING_FACTOR = 1.5305

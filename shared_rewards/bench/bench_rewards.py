@@ -24,14 +24,14 @@ from typing import Callable
 
 import torch
 
+from shared_rewards.preprocess import CLIP_MEAN, CLIP_STD
+
 log = logging.getLogger("bench_rewards")
 
 PROMPTS = ["a photo of a cat on the beach", "a red car in the snow", "an astronaut riding a horse",
            'a sign that says "hello"']
 
 # ---------------------------------------------------------------- full-size random checkpoints
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 # HF CLIPConfig values of the hub checkpoints (config.json of each repo).
 HF_CLIP = {
     # laion/CLIP-ViT-H-14-laion2B-s32B-b79K, the PickScore_v1 architecture
