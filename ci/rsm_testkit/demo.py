@@ -30,7 +30,7 @@ log = logging.getLogger("rsm_testkit.demo")
 PROMPTS = ["a photo of a cat on the beach", "a red car in the snow", "an astronaut riding a horse",
            'a sign that says "hello"']
 PIPELINES = {"sd35": "StableDiffusion3Pipeline", "sd15": "StableDiffusionPipeline"}
-GUIDANCE = {"sd35": 4.5, "sd15": 5.0}  # the papers' sampling CFG scales (SD3.5 first order: 4.5; SD1.5: 5.0)
+GUIDANCE = {"sd35": 4.5, "sd15": 5.0}  # the paper runs' CFG: SD3.5 zeroth order 4.5, SD1.5 5.0
 
 
 # ---------------------------------------------------------------- generation
