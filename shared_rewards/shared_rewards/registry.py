@@ -19,6 +19,7 @@ CATALOGUE: dict[str, str] = {
     "jpeg_compressibility": "jpeg:JpegCompressibilityReward",
     "jpeg_incompressibility": "jpeg:JpegIncompressibilityReward",
     "ocr": "ocr:OCRReward",
+    "geneval": "geneval.client:GenEvalReward",
 }
 
 _BASE_ARGS = ("self", "device", "dtype")
