@@ -229,8 +229,8 @@ def load_detector(backend: str = "transformers", device: str | torch.device = "c
         raise ValueError(f"geneval: backend must be one of {BACKENDS}, got {backend!r}")
     if detector_input not in DETECTOR_INPUTS:
         raise ValueError(f"geneval: detector_input must be one of {DETECTOR_INPUTS}, got {detector_input!r}")
-    if batch_size < 1:
-        raise ValueError(f"geneval: batch_size must be >= 1, got {batch_size!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"geneval: batch_size must be an int >= 1, got {batch_size!r}")
     if backend == "mmdet":
         if detector is not None:
             raise ValueError("geneval: detector= is for backend='transformers'; the mmdet backend takes config= "
