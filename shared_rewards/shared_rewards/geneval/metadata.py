@@ -77,8 +77,9 @@ def validate_metadata(md, index=0) -> dict:
             if relation not in RELATIONS:
                 raise ValueError(f"{where}.position={position!r}: relation {relation!r} not one of {RELATIONS}")
             if not _is_int(target) or not 0 <= target < i:
+                earlier = f"0..{i - 1}" if i else "none precede include[0]"
                 raise ValueError(
-                    f"{where}.position={position!r}: index {target!r} must point to an earlier include (0..{i - 1})"
+                    f"{where}.position={position!r}: index {target!r} must point to an earlier include ({earlier})"
                 )
     exclude = md.get("exclude", [])
     if not isinstance(exclude, list):
