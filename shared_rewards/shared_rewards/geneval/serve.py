@@ -37,7 +37,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .protocol import MAX_IMAGE_PIXELS, ProtocolError, check_response, decode_jpeg, parse_request
+from .protocol import MAX_IMAGE_PIXELS, RESPONSE_KEYS, ProtocolError, check_response, decode_jpeg, parse_request
 
 logger = logging.getLogger("shared_rewards.geneval.serve")
 
@@ -86,13 +86,17 @@ def _validate_metadatas(metadatas: list[Any]) -> list[dict]:
 
 
 def plain_response(result: Any, batch: int) -> dict:
-    """The evaluator's dict as plain Python floats: numpy scalars would pickle as numpy globals, which
-    careful clients (ours) refuse to unpickle."""
-    check_response(result, batch)
-    out = {key: [float(v) for v in result[key]] for key in ("scores", "rewards", "strict_rewards")}
-    for key in ("group_rewards", "group_strict_rewards"):
-        out[key] = {str(tag): [float(v) for v in values] for tag, values in result[key].items()}
-    return out
+    """The evaluator's dict with plain lists of Python floats: numpy arrays or scalars would pickle as numpy
+    globals, which careful clients (ours) refuse to unpickle. Checked for every key and length."""
+    if not isinstance(result, dict) or any(k not in result for k in RESPONSE_KEYS):
+        check_response(result, batch)  # raises, naming what is missing
+    try:
+        out = {key: [float(v) for v in result[key]] for key in RESPONSE_KEYS[:3]}
+        for key in RESPONSE_KEYS[3:]:
+            out[key] = {str(tag): [float(v) for v in values] for tag, values in dict(result[key]).items()}
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"evaluator answer is not lists of numbers ({exc})") from None
+    return check_response(out, batch)
 
 
 class GenEvalServer(ThreadingHTTPServer):
