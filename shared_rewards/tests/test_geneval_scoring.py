@@ -113,6 +113,10 @@ def test_options_are_validated():
         GenEvalOptions(threshold=1.5)
     with pytest.raises(ValueError, match="max_objects"):
         GenEvalOptions(max_objects=0)
+    with pytest.raises(ValueError, match="threshold='0.3': must be a number"):
+        GenEvalOptions(threshold="0.3")
+    with pytest.raises(ValueError, match="position_partial_credit_quirk=1: must be true or false"):
+        GenEvalOptions(position_partial_credit_quirk=1)
 
 
 # ---------------------------------------------------------------- relative position (B.5)

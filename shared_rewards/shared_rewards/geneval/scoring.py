@@ -53,6 +53,14 @@ class GenEvalOptions:
     strict_ignores_exclude_quirk: bool = True
 
     def __post_init__(self):
+        # options arrive from command lines and configs, so types are checked too, not only ranges
+        for key in ("threshold", "counting_threshold", "max_overlap", "position_threshold"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"GenEvalOptions.{key}={value!r}: must be a number")
+        for key in ("position_partial_credit_quirk", "unbounded_count_term_quirk", "strict_ignores_exclude_quirk"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"GenEvalOptions.{key}={getattr(self, key)!r}: must be true or false")
         for key in ("threshold", "counting_threshold"):
             value = getattr(self, key)
             if not 0.0 <= value <= 1.0:
