@@ -108,8 +108,9 @@ def postprocess(raw: ImageDetections, tag: str, options: GenEvalOptions = GenEva
     kept: ImageDetections = {}
     for name, detections in raw.items():
         scores = np.array([d.score for d in detections], dtype=np.float64)
-        # upstream reverses an ascending argsort, which for equal scores puts the later detection first;
-        # a stable sort makes that exact (numpy's default sort is stable only on short arrays)
+        # upstream reverses numpy's default ascending argsort; on the short per-class arrays of its numpy 1.x
+        # environment that sort is stable, so of two equal scores the later detection comes first. A stable
+        # sort reproduces that on any numpy version and array length (newer numpy may use unstable SIMD sorts).
         order = np.argsort(scores, kind="stable")[::-1]
         order = [int(i) for i in order if scores[i] > threshold][: options.max_objects]
         selected: list[Detection] = []
