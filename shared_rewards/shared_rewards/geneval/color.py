@@ -47,7 +47,8 @@ def object_crop(image: Image.Image, detection: Detection, bgcolor: str = DEFAULT
     if detection.mask is not None and bgcolor != "original":
         mask = np.asarray(detection.mask, dtype=bool)
         if mask.shape != (image.height, image.width):
-            raise ValueError(f"colour: mask shape {mask.shape} does not match the image's {(image.height, image.width)}")
+            raise ValueError(f"colour: mask shape {mask.shape} does not match the image's "
+                             f"{(image.height, image.width)}")
         picture = Image.composite(image, Image.new("RGB", image.size, color=bgcolor), Image.fromarray(mask))
     else:
         picture = image
