@@ -29,8 +29,9 @@ def test_rows_are_schema_valid_distinct_and_uniform_by_default():
     rows = generate_training_metadata(300, seed=0, weights=None, exclude_prompts=())
     for i, md in enumerate(rows):
         validate_metadata(md, i)
-        expected_keys = ["tag", "include", "exclude", "prompt"] if md["tag"] == "counting" else ["tag", "include", "prompt"]
-        assert list(md) == expected_keys  # the benchmark file's key order
+        # the benchmark file's key order
+        keys = ["tag", "include", "exclude", "prompt"] if md["tag"] == "counting" else ["tag", "include", "prompt"]
+        assert list(md) == keys
     assert Counter(md["tag"] for md in rows) == {tag: 50 for tag in TAGS}  # 300 / 6
     assert len({md["prompt"] for md in rows}) == 300
 
@@ -128,7 +129,8 @@ def test_colour_tasks_never_use_person_and_pick_distinct_classes_and_colours():
         a, b = md["include"]
         assert "person" not in (a["class"], b["class"])
         assert a["class"] != b["class"] and a["color"] != b["color"]
-        assert md["prompt"] == f"a photo of {with_article(a['color'])} {a['class']} and {with_article(b['color'])} {b['class']}"
+        first, second = f"{with_article(a['color'])} {a['class']}", f"{with_article(b['color'])} {b['class']}"
+        assert md["prompt"] == f"a photo of {first} and {second}"
 
 
 def test_two_object_and_position_shapes():
@@ -141,7 +143,8 @@ def test_two_object_and_position_shapes():
         assert reference == {"class": reference["class"], "count": 1}
         relation = subject["position"][0]
         assert subject["position"] == [relation, 0] and subject["class"] != reference["class"]
-        assert md["prompt"] == f"a photo of {with_article(subject['class'])} {relation} {with_article(reference['class'])}"
+        subject_text, reference_text = with_article(subject["class"]), with_article(reference["class"])
+        assert md["prompt"] == f"a photo of {subject_text} {relation} {reference_text}"
 
 
 def test_benchmark_rows_are_in_the_generators_space():
@@ -152,8 +155,8 @@ def test_benchmark_rows_are_in_the_generators_space():
         '{"tag": "colors", "include": [{"class": "fire hydrant", "count": 1, "color": "blue"}], "prompt": "a photo of a blue fire hydrant"}',
         '{"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"}',
     ]
-    space = {json.dumps(md) for tag, n in [("counting", 240), ("position", 25280), ("colors", 790), ("single_object", 80)]
-             for md in only(tag, n)}
+    every_prompt = [("counting", 240), ("position", 25280), ("colors", 790), ("single_object", 80)]
+    space = {json.dumps(md) for tag, n in every_prompt for md in only(tag, n)}
     assert set(benchmark) <= space
 
 

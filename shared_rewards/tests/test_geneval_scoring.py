@@ -280,7 +280,8 @@ def test_colour_term_counts_matching_objects():
 
 
 def test_color_attr():
-    md = meta("color_attr", [{"class": "bus", "count": 1, "color": "red"}, {"class": "cup", "count": 1, "color": "blue"}])
+    md = meta("color_attr", [{"class": "bus", "count": 1, "color": "red"},
+                             {"class": "cup", "count": 1, "color": "blue"}])
     good = {"bus": [det(color="red")], "cup": [det(50, 50, 60, 60, color="blue")]}
     assert benchmark_correct(good, md, OPTS)[0] and strict_correct(good, md, OPTS)
     assert partial_credit(good, md, OPTS) == 1.0
@@ -306,7 +307,8 @@ def test_classes_needing_color():
 
 # ---------------------------------------------------------------- position
 
-CAT_LEFT_OF_DOG = meta("position", [{"class": "dog", "count": 1}, {"class": "cat", "count": 1, "position": ["left of", 0]}])
+CAT_LEFT_OF_DOG = meta("position", [{"class": "dog", "count": 1},
+                                    {"class": "cat", "count": 1, "position": ["left of", 0]}])
 DOG = det(50, 0, 60, 10)
 
 

@@ -73,7 +73,11 @@ def _pair(index: int, n: int) -> tuple[int, int]:
 
 def _single_object(i):
     name = COCO_CLASSES[i]
-    return {"tag": "single_object", "include": [{"class": name, "count": 1}], "prompt": f"a photo of {with_article(name)}"}
+    return {
+        "tag": "single_object",
+        "include": [{"class": name, "count": 1}],
+        "prompt": f"a photo of {with_article(name)}",
+    }
 
 
 def _two_object(i):
@@ -182,7 +186,9 @@ def generate_training_metadata(
             continue
         size, build = _SPACES[tag]
         if want > size:
-            raise ValueError(f"{tag}: {want} rows requested but the task has only {size} distinct prompts; lower its weight or n")
+            raise ValueError(
+                f"{tag}: {want} rows requested but the task has only {size} distinct prompts; lower its weight or n"
+            )
         # one stream per task, so a task's prompts do not change when another task's weight does
         rng = np.random.default_rng([seed, t])
         picked = []
