@@ -85,6 +85,19 @@ def test_impossible_n_is_an_error_not_an_endless_loop():
         generate_training_metadata(600, 0, None, ())
 
 
+def test_allowed_repeats_cycle_a_short_task_evenly_and_keep_exclusions():
+    excluded = [md["prompt"] for md in only("single_object", 10, seed=5)]
+    rows = generate_training_metadata(600, 0, None, excluded, allow_repeats=True)
+    single = Counter(md["prompt"] for md in rows if md["tag"] == "single_object")
+    # 100 rows over the 70 classes left: every prompt once, 30 of them twice
+    assert sum(single.values()) == 100 and len(single) == 70
+    assert sorted(Counter(single.values()).items()) == [(1, 40), (2, 30)]
+    assert not set(single) & set(excluded)
+    big = Counter(md["prompt"] for md in rows if md["tag"] == "color_attr")
+    assert max(big.values()) == 1  # tasks with room stay distinct
+    assert rows == generate_training_metadata(600, 0, None, excluded, allow_repeats=True)
+
+
 def test_counts_follow_the_weights_by_largest_remainder():
     weights = {"position": 0.7, "counting": 0.5, "color_attr": 0.3, "colors": 0.1, "two_object": 0.1}
     # 500 * w / 1.7: position 205.88, counting 147.06, color_attr 88.24, colors 29.41, two_object 29.41;

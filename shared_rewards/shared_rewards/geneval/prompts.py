@@ -32,8 +32,9 @@ uniform over the six. The per-task weights of the published flow_grpo ``train_me
 (the merge script's example uses position 0.7, counting 0.5, color_attr 0.3, colors 0.1, two_object 0.1 and no
 single_object; whether the released file used them is unknown). Distinct prompts per task: single_object 80,
 counting 240, colors 790, two_object 6,320, position 25,280, color_attr 554,580. Asking for more rows of a task
-than it has distinct prompts (outside the exclude set) is an error: e.g. the uniform default cannot give
-50,000 rows, since single_object and counting run out; give those tasks small or zero weights.
+than it has distinct prompts (outside the exclude set) is an error unless ``--allow-repeats``: e.g. the uniform
+default cannot give 50,000 distinct rows, since single_object and counting run out; give those tasks small or
+zero weights, or allow repeats (each short task then cycles through its prompts in shuffled rounds).
 """
 from __future__ import annotations
 
@@ -167,12 +168,14 @@ def _check_weights(weights: dict[str, float]) -> dict[str, float]:
 
 
 def generate_training_metadata(
-    n: int, seed: int, weights: dict[str, float] | None = None, exclude_prompts=()
+    n: int, seed: int, weights: dict[str, float] | None = None, exclude_prompts=(), allow_repeats: bool = False
 ) -> list[dict]:
-    """``n`` distinct GenEval metadata rows, deterministic in ``seed``, none with a prompt in ``exclude_prompts``.
+    """``n`` GenEval metadata rows, deterministic in ``seed``, none with a prompt in ``exclude_prompts``.
 
-    ``weights`` maps tags to relative weights (missing tags: 0; None: uniform over the six tags).
-    Raises ValueError when a task needs more rows than it has distinct prompts outside the exclude set.
+    ``weights`` maps tags to relative weights (missing tags: 0; None: uniform over the six tags). Rows are
+    distinct unless a task needs more rows than it has prompts outside the exclude set: then ValueError, or
+    with ``allow_repeats`` that task repeats its prompts in successive shuffled rounds (each prompt appears
+    the same number of times, +-1), as flow_grpo's merge script samples short tasks with replacement.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"n={n!r}: must be an int >= 0")
@@ -185,10 +188,9 @@ def generate_training_metadata(
         if want == 0:
             continue
         size, build = _SPACES[tag]
-        if want > size:
-            raise ValueError(
-                f"{tag}: {want} rows requested but the task has only {size} distinct prompts; lower its weight or n"
-            )
+        if want > size and not allow_repeats:
+            raise ValueError(f"{tag}: {want} rows requested but the task has only {size} distinct prompts; "
+                             "lower its weight or n, or allow repeats")
         # one stream per task, so a task's prompts do not change when another task's weight does
         rng = np.random.default_rng([seed, t])
         picked = []
@@ -199,11 +201,14 @@ def generate_training_metadata(
             picked.append(md)
             if len(picked) == want:
                 break
-        if len(picked) < want:
-            raise ValueError(
-                f"{tag}: {want} rows requested but only {len(picked)} distinct prompts remain outside the exclude set; "
-                "lower its weight or n"
-            )
+        if len(picked) < want and not allow_repeats:
+            raise ValueError(f"{tag}: {want} rows requested but only {len(picked)} distinct prompts remain outside "
+                             "the exclude set; lower its weight or n, or allow repeats")
+        if not picked:
+            raise ValueError(f"{tag}: every prompt of the task is in the exclude set")
+        distinct = picked
+        while len(picked) < want:  # a short task, repeats allowed: more shuffled rounds of the same prompts
+            picked = picked + [distinct[i] for i in rng.permutation(len(distinct))[: want - len(picked)]]
         rows.extend(picked)
     order = np.random.default_rng([seed, len(TAGS)]).permutation(len(rows))
     return [rows[i] for i in order]
@@ -252,6 +257,8 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, required=True, help="number of rows")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--task-weights", default=None, help="tag=weight,... (unlisted tags 0; default uniform)")
+    parser.add_argument("--allow-repeats", action="store_true",
+                        help="let a task with fewer distinct prompts than its share repeat them (else an error)")
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--exclude", action="append", help="prompts never to emit (.jsonl metadata or .txt); repeatable")
     group.add_argument("--no-exclude", action="store_true", help="exclude nothing (you must say so explicitly)")
@@ -259,7 +266,7 @@ def main(argv=None) -> int:
     try:
         weights = parse_weights(args.task_weights) if args.task_weights else None
         excluded = [p for path in args.exclude or [] for p in read_prompts(path)]
-        rows = generate_training_metadata(args.n, args.seed, weights, excluded)
+        rows = generate_training_metadata(args.n, args.seed, weights, excluded, allow_repeats=args.allow_repeats)
     except (ValueError, FileNotFoundError) as e:
         parser.exit(2, f"error: {e}\n")
     out = Path(args.out)
