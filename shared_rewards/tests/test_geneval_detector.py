@@ -214,3 +214,22 @@ def test_dog_cat_scores_formula():
     dog, cat = dog_cat_scores()
     assert dog == pytest.approx(math.exp(8) / (math.exp(8) + math.exp(7.5) + 79) / (1 + math.exp(-10)))
     assert 0.9 > dog > 0.3 and 0.3 < cat < dog
+
+
+def test_detector_size_resizes_as_mmdet_test_pipeline(tiny_models):
+    # shorter side to N, longer side at most N * 1333 / 800; transformers' processor then stretches each side
+    # up to a multiple of 32 where mmdet pads (96x144 -> 96x160), so the pixel mask is the whole input
+    detector = load_detector(detector=str(tiny_models.path("mask2former_coco")), detector_size=96)
+    seen = []
+    hook = detector.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((tuple(kwargs["pixel_values"].shape[-2:]),
+                                                  kwargs["pixel_mask"][0].sum().item())), with_kwargs=True)
+    try:
+        (wide,) = detector(_images(5, [(40, 60)]))
+        detector(_images(5, [(40, 100)]))
+    finally:
+        hook.remove()
+    assert seen == [((96, 160), 96 * 160), ((64, 160), 64 * 160)]
+    assert all(d.mask.shape == (40, 60) for ds in wide.values() for d in ds)
+    with pytest.raises(ValueError, match=r"detector_size must be None or an int >= 32, got 8"):
+        load_detector(detector_size=8)

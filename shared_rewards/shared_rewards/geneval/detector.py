@@ -11,6 +11,11 @@ transformers: `Mask2FormerForUniversalSegmentation` (default `facebook/mask2form
   GenEval's numbers: top `max_per_image` (100) (query, class) pairs by class probability, masks upsampled to
   the padded input, cropped to the resized image, resized to the original image, thresholded at logit 0;
   score = class probability x mean sigmoid inside the mask; box = the mask's extent.
+  Input resolution: by default the checkpoint's image processor decides. GenEval's mmdet 2.x config resized
+  to fit 1333x800 (shorter side 800 for square images: `test_pipeline` img_scale=(1333, 800), keep_ratio,
+  padded to a multiple of 32); `detector_size=800` reproduces that (shorter side 800, longer at most 1333),
+  except that transformers' processor stretches a side that is not a multiple of 32 up to one where mmdet pads
+  (the same for square 512 px images, 800 being a multiple of 32).
 mmdet: GenEval's own mmdet 2.x checkpoint and config, for exact parity where mmdet 2.x is installed.
 
 Box convention (both backends): x1, y1 = first mask column / row, x2, y2 = last column / row + 1 (mmdet's
@@ -37,6 +42,8 @@ BACKENDS = ("transformers", "mmdet")
 DETECTOR_INPUTS = ("rgb", "bgr")
 # mmdet 2.x mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco test_cfg: max_per_image=100
 MAX_PER_IMAGE = 100
+# the same config's test_pipeline: img_scale=(1333, 800), keep_ratio=True
+MMDET_LONGEST_PER_SHORTEST = 1333 / 800
 
 
 class Detector(Protocol):
@@ -117,9 +124,12 @@ class TransformersMask2Former:
     [100, H, W] floats while they are made, so keep batches modest on large images."""
 
     def __init__(self, model, processor, class_names: Sequence[str], device: str | torch.device = "cpu",
-                 batch_size: int = 8, max_per_image: int = MAX_PER_IMAGE):
+                 batch_size: int = 8, max_per_image: int = MAX_PER_IMAGE, size: int | None = None):
         self.model = model.to(device).eval().requires_grad_(False)
         self.processor = processor
+        # None: the processor's own resize; N: shorter side N, longer side at most N * 1333 / 800 (mmdet's rule)
+        self.resize = {} if size is None else {
+            "size": {"shortest_edge": size, "longest_edge": round(size * MMDET_LONGEST_PER_SHORTEST)}}
         self.class_names = tuple(class_names)
         self.device = torch.device(device)
         self.batch_size = batch_size
@@ -131,7 +141,7 @@ class TransformersMask2Former:
         results: list[ImageDetections] = []
         for start in range(0, len(images), self.batch_size):
             chunk = list(images[start:start + self.batch_size])
-            inputs = self.processor(images=chunk, return_tensors="pt")
+            inputs = self.processor(images=chunk, return_tensors="pt", **self.resize)
             pixel_values = inputs["pixel_values"].to(self.device)  # [B, 3, Hp, Wp], padded to a common size
             pixel_mask = inputs["pixel_mask"].to(self.device)  # [B, Hp, Wp], 1 on the resized image
             outputs = self.model(pixel_values=pixel_values, pixel_mask=pixel_mask)
@@ -146,13 +156,13 @@ class TransformersMask2Former:
 
 
 def load_transformers_detector(detector: str = DEFAULT_DETECTOR, device: str | torch.device = "cpu",
-                               batch_size: int = 8) -> TransformersMask2Former:
+                               batch_size: int = 8, size: int | None = None) -> TransformersMask2Former:
     from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
 
     model = load_pretrained("geneval", Mask2FormerForUniversalSegmentation.from_pretrained, detector, "detector")
     processor = load_pretrained("geneval", AutoImageProcessor.from_pretrained, detector, "detector")
     names = coco_names(model.config.id2label, str(detector))
-    return TransformersMask2Former(model, processor, names, device=device, batch_size=batch_size)
+    return TransformersMask2Former(model, processor, names, device=device, batch_size=batch_size, size=size)
 
 
 def detections_from_mmdet(bbox_results: Sequence[np.ndarray], segm_results: Sequence[Sequence[np.ndarray]] | None,
@@ -222,8 +232,9 @@ class MMDetMask2Former:
 
 def load_detector(backend: str = "transformers", device: str | torch.device = "cpu", detector: str | None = None,
                   config: str | None = None, checkpoint: str | None = None, detector_input: str = "rgb",
-                  batch_size: int = 8) -> Detector:
-    """backend="transformers": `detector` is a hub id or a local save_pretrained directory.
+                  batch_size: int = 8, detector_size: int | None = None) -> Detector:
+    """backend="transformers": `detector` is a hub id or a local save_pretrained directory; `detector_size`
+    the shorter side images are resized to (None: the checkpoint processor's; 800: GenEval's mmdet config).
     backend="mmdet": `config` (the mmdetection 2.x config .py) and `checkpoint` (.pth) are local files."""
     if backend not in BACKENDS:
         raise ValueError(f"geneval: backend must be one of {BACKENDS}, got {backend!r}")
@@ -231,7 +242,12 @@ def load_detector(backend: str = "transformers", device: str | torch.device = "c
         raise ValueError(f"geneval: detector_input must be one of {DETECTOR_INPUTS}, got {detector_input!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"geneval: batch_size must be an int >= 1, got {batch_size!r}")
+    if detector_size is not None and (isinstance(detector_size, bool) or not isinstance(detector_size, int)
+                                      or detector_size < 32):
+        raise ValueError(f"geneval: detector_size must be None or an int >= 32, got {detector_size!r}")
     if backend == "mmdet":
+        if detector_size is not None:
+            raise ValueError("geneval: detector_size is for backend='transformers'; the mmdet config sets its resize")
         if detector is not None:
             raise ValueError("geneval: detector= is for backend='transformers'; the mmdet backend takes config= "
                              "and checkpoint=")
@@ -243,4 +259,5 @@ def load_detector(backend: str = "transformers", device: str | torch.device = "c
     if detector_input != "rgb":
         # the transformers processor normalises the RGB array it is given; a channel swap is an mmdet quirk
         raise ValueError("geneval: detector_input='bgr' only applies to backend='mmdet'")
-    return load_transformers_detector(detector or DEFAULT_DETECTOR, device=device, batch_size=batch_size)
+    return load_transformers_detector(detector or DEFAULT_DETECTOR, device=device, batch_size=batch_size,
+                                      size=detector_size)

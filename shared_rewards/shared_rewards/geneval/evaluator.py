@@ -85,22 +85,23 @@ class GenEvalEvaluator:
 def load_evaluator(device: str | torch.device = "cpu", backend: str = "transformers", detector: str | None = None,
                    clip: str = DEFAULT_CLIP, config: str | None = None, checkpoint: str | None = None,
                    detector_input: str = "rgb", bgcolor: str = DEFAULT_BGCOLOR, crop: bool = True,
-                   batch_size: int = 8, color_batch_size: int = 16, **options: Any) -> GenEvalEvaluator:
+                   batch_size: int = 8, color_batch_size: int = 16, detector_size: int | None = None,
+                   **options: Any) -> GenEvalEvaluator:
     """Builds the detector and colour classifier and checks every option once.
 
-    backend / detector / config / checkpoint / detector_input: see detector.load_detector.
+    backend / detector / config / checkpoint / detector_input / detector_size: see detector.load_detector.
     clip / bgcolor / crop / color_batch_size: see color.load_color_classifier.
     **options: GenEvalOptions fields (thresholds, max_objects, max_overlap, position_threshold, quirk flags).
     """
     unknown = sorted(set(options) - set(OPTION_NAMES))
     if unknown:
         allowed = ("device", "backend", "detector", "clip", "config", "checkpoint", "detector_input", "bgcolor",
-                   "crop", "batch_size", "color_batch_size", *OPTION_NAMES)
+                   "crop", "batch_size", "color_batch_size", "detector_size", *OPTION_NAMES)
         raise ValueError(f"geneval: unknown option {unknown[0]!r}; allowed: {', '.join(allowed)}")
     # every option is checked before either model loads, so a bad one costs no download
     scoring_options = GenEvalOptions(**options)
     check_color_options(bgcolor, crop, color_batch_size)
     found = load_detector(backend=backend, device=device, detector=detector, config=config, checkpoint=checkpoint,
-                          detector_input=detector_input, batch_size=batch_size)
+                          detector_input=detector_input, batch_size=batch_size, detector_size=detector_size)
     colors = load_color_classifier(clip=clip, device=device, bgcolor=bgcolor, crop=crop, batch_size=color_batch_size)
     return GenEvalEvaluator(found, colors, scoring_options, batch_size=batch_size)
