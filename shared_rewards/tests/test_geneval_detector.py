@@ -3,6 +3,7 @@ mmdet 2.x result conversion on hand-made arrays, and the mask -> box / logits ->
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -144,6 +145,90 @@ def test_mmdet_backend_without_mmdet_fails_in_one_line():
     with pytest.raises(ImportError, match=r"backend='mmdet' needs mmdet 2.x and mmcv-full installed") as info:
         load_detector(backend="mmdet", config="c.py", checkpoint="m.pth")
     assert "\n" not in str(info.value)
+
+
+FAKE_MMDET_APIS = """
+import numpy as np
+
+CALLS = []
+
+
+class Model:
+    CLASSES = CLASSES_FROM_CHECKPOINT
+
+
+def init_detector(config, checkpoint, device):
+    CALLS.append(("init", config, checkpoint, device))
+    return Model()
+
+
+def inference_detector(model, images):
+    # mmdet 2.x: per image a (bbox_results, segm_results) tuple, one entry per class
+    CALLS.append(("infer", [image.copy() for image in images]))
+    out = []
+    for image in images:
+        height, width = image.shape[:2]
+        bbox = [np.zeros((0, 5), np.float32) for _ in model.CLASSES]
+        segm = [[] for _ in model.CLASSES]
+        bbox[16] = np.array([[1, 1, 3, 2, float(image[0, 0, 0]) / 255]], np.float32)
+        mask = np.zeros((height, width), bool)
+        mask[1, 1:3] = True
+        segm[16] = [mask]
+        out.append((bbox, segm) if len(out) % 2 == 0 else {"ins_results": (bbox, segm)})
+    return out
+"""
+
+
+@pytest.fixture
+def fake_mmdet(tmp_path, monkeypatch):
+    """An importable stand-in for mmdet 2.x's API (init_detector, inference_detector) recording its calls."""
+    package = tmp_path / "fake" / "mmdet"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text('__version__ = "2.28.2"\n')
+    classes = repr(COCO_INSTANCE_LABELS)
+    (package / "apis.py").write_text(FAKE_MMDET_APIS.replace("CLASSES_FROM_CHECKPOINT", classes))
+    monkeypatch.syspath_prepend(str(tmp_path / "fake"))
+    for name in ("mmdet", "mmdet.apis"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    (tmp_path / "m2f.py").write_text("model = dict()\n")
+    (tmp_path / "m2f.pth").write_bytes(b"weights")
+    yield tmp_path
+    for name in ("mmdet", "mmdet.apis"):
+        sys.modules.pop(name, None)
+
+
+@pytest.mark.parametrize("detector_input", ["rgb", "bgr"])
+def test_mmdet_backend_hands_mmdet_the_configured_channel_order(fake_mmdet, detector_input):
+    detector = load_detector(backend="mmdet", config=str(fake_mmdet / "m2f.py"),
+                             checkpoint=str(fake_mmdet / "m2f.pth"), detector_input=detector_input, batch_size=2)
+    import mmdet.apis
+
+    image = np.zeros((4, 5, 3), np.uint8)
+    image[..., 0], image[..., 2] = 200, 50  # red 200, blue 50
+    results = detector([image, image, image])
+    calls = mmdet.apis.CALLS
+    assert calls[0] == ("init", str(fake_mmdet / "m2f.py"), str(fake_mmdet / "m2f.pth"), "cpu")
+    assert [len(call[1]) for call in calls[1:]] == [2, 1]  # batch_size 2
+    seen = calls[1][1][0]
+    assert np.array_equal(seen, image if detector_input == "rgb" else image[..., ::-1])
+    # the fake scores its dog by the first channel it received; plain and panoptic-wrapped results alike
+    score = (200 if detector_input == "rgb" else 50) / 255
+    for detections in results:
+        (dog,) = detections["dog"]
+        assert dog.score == pytest.approx(score) and dog.box.tolist() == [1, 1, 3, 2] and dog.mask.sum() == 2
+
+
+def test_mmdet_backend_needs_existing_config_and_checkpoint(fake_mmdet):
+    with pytest.raises(RewardWeightsError, match=r"needs config=<existing file>, got None"):
+        load_detector(backend="mmdet", checkpoint=str(fake_mmdet / "m2f.pth"))
+    with pytest.raises(RewardWeightsError, match=r"needs checkpoint=<existing file>, got '.*missing.pth'"):
+        load_detector(backend="mmdet", config=str(fake_mmdet / "m2f.py"), checkpoint=str(fake_mmdet / "missing.pth"))
+
+
+def test_mmdet_3_is_refused(fake_mmdet):
+    (fake_mmdet / "fake" / "mmdet" / "__init__.py").write_text('__version__ = "3.3.0"\n')
+    with pytest.raises(ImportError, match=r"needs mmdet 2.x, found mmdet 3.3.0"):
+        load_detector(backend="mmdet", config=str(fake_mmdet / "m2f.py"), checkpoint=str(fake_mmdet / "m2f.pth"))
 
 
 def test_images_must_be_rgb_uint8(random_detector):

@@ -213,7 +213,9 @@ class MMDetMask2Former:
         self._infer = inference_detector
         self.model = init_detector(str(Path(config).expanduser()), str(Path(checkpoint).expanduser()),
                                    device=str(device))
-        self.class_names = coco_names(dict(enumerate(self.model.CLASSES)), str(checkpoint))
+        # mmdet 2.x keeps the class names from the checkpoint's meta; a checkpoint without them is COCO's
+        classes = getattr(self.model, "CLASSES", None) or COCO_CLASSES
+        self.class_names = coco_names(dict(enumerate(classes)), str(checkpoint))
         self.detector_input = detector_input
         self.batch_size = batch_size
 
@@ -225,6 +227,8 @@ class MMDetMask2Former:
             chunk = [img if self.detector_input == "rgb" else np.ascontiguousarray(img[..., ::-1])
                      for img in images[start:start + self.batch_size]]
             for result in self._infer(self.model, chunk):
+                if isinstance(result, dict):  # a config with panoptic_on=True wraps the instance results
+                    result = result["ins_results"]
                 bbox, segm = (result[0], result[1]) if isinstance(result, tuple) else (result, None)
                 results.append(detections_from_mmdet(bbox, segm, self.class_names))
         return results
