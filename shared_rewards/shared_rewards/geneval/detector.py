@@ -6,7 +6,7 @@ thresholds at 0.3 / 0.9, sorts, caps and optionally runs NMS, identically for bo
 
 transformers: `Mask2FormerForUniversalSegmentation` (default `facebook/mask2former-swin-small-coco-instance`).
   Its image processor's `post_process_instance_segmentation` cannot be used as is: it drops instances under
-  `threshold=0.5` and empty masks, and resizes the mask logits to a hard-coded 384x384 before cropping nothing.
+  `threshold=0.5` and empty masks, and resizes the mask logits to a fixed 384x384 without removing padding.
   `instances_from_logits` instead follows mmdet's MaskFormerFusionHead.instance_postprocess, which produced
   GenEval's numbers: top `max_per_image` (100) (query, class) pairs by class probability, masks upsampled to
   the padded input, cropped to the resized image, resized to the original image, thresholded at logit 0;
@@ -23,7 +23,6 @@ mask2bbox), so a mask covering columns 3..5 has x1=3, x2=6. An empty mask gives 
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -34,8 +33,6 @@ import torch.nn.functional as F
 from ..weights import RewardWeightsError, load_pretrained
 from .detections import Detection, ImageDetections
 from .vocabulary import COCO_CLASSES
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_DETECTOR = "facebook/mask2former-swin-small-coco-instance"
 BACKENDS = ("transformers", "mmdet")
@@ -59,7 +56,7 @@ def check_images(images: Sequence[np.ndarray]) -> None:
 
 def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
     """[N, H, W] bool -> [N, 4] float x1, y1, x2, y2 with exclusive x2, y2; zeros for empty masks."""
-    n, height, width = masks.shape
+    height, width = masks.shape[-2:]
     cols, rows = masks.any(dim=1), masks.any(dim=2)  # [N, W], [N, H]
     # argmax returns the first True; on the flipped axis it counts from the end
     x1 = cols.float().argmax(dim=1)
