@@ -144,6 +144,20 @@ def test_colour_is_the_argmax_of_image_embedding_against_the_classifier(colors):
     assert colors.classify(image, [], "car") == []
 
 
+def test_crops_are_preprocessed_exactly_as_open_clips_eval_transform(colors):
+    # upstream: open_clip ViT-L-14 "openai" transform (shorter side bicubic, centre crop, OpenAI mean/std)
+    import open_clip
+
+    size = colors.model.config.vision_config.image_size
+    transform = open_clip.image_transform(size, is_train=False, mean=open_clip.OPENAI_DATASET_MEAN,
+                                          std=open_clip.OPENAI_DATASET_STD)
+    rng = np.random.default_rng(11)
+    for shape in [(37, 53), (80, 45), (20, 20)]:  # down- and upsampling, wide and tall
+        crop = Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8))
+        ours = colors.image_processor(images=[crop], return_tensors="pt")["pixel_values"][0]
+        assert torch.equal(ours, transform(crop))
+
+
 def test_colour_options_are_checked():
     with pytest.raises(ValueError, match=r"bgcolor must be a PIL colour or 'original', got 'greyish'"):
         load_color_classifier(clip="/nonexistent", bgcolor="greyish")
