@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import pickle
+import queue
 import socket
 import threading
 import time
@@ -27,6 +28,7 @@ from shared_rewards.geneval.evaluator import load_evaluator  # noqa: E402
 from shared_rewards.geneval.protocol import RESPONSE_KEYS, safe_loads  # noqa: E402
 from shared_rewards.geneval.serve import (  # noqa: E402
     WORKER_HEADER,
+    bind_socket,
     create_server,
     parse_options,
     worker_devices,
@@ -52,8 +54,7 @@ def evaluator(tiny_paths):
 
 
 @contextlib.contextmanager
-def running(evaluator, **kwargs):
-    server = create_server(evaluator, port=0, device="cpu", backend="transformers", **kwargs)
+def serving(server):
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
@@ -62,6 +63,12 @@ def running(evaluator, **kwargs):
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def running(evaluator, **kwargs):
+    with serving(create_server(evaluator, port=0, device="cpu", backend="transformers", **kwargs)) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -326,6 +333,43 @@ def test_parse_options_reads_json_values_and_names_bad_pairs():
         "threshold": 0.25, "max_objects": 8, "bgcolor": "#999", "crop": False}
     with pytest.raises(ValueError, match="--option must look like key=value, got 'threshold'"):
         parse_options(["threshold"])
+
+
+def test_a_busy_worker_leaves_the_next_request_to_an_idle_one(evaluator):
+    # two one-at-a-time servers on one socket, as pre-forked workers are; each evaluator holds its request
+    # until released, so the second request must be taken by the worker that is not busy
+    sock = bind_socket("127.0.0.1", 0)
+    entered, release = queue.Queue(), threading.Event()
+
+    def gated(name):
+        def evaluate(images, metadatas, only_strict):
+            entered.put(name)
+            release.wait(30)
+            return evaluator(images, metadatas, only_strict)
+        return evaluate
+
+    servers = [create_server(gated(name), sock=sock, one_at_a_time=True, worker=i, workers=2)
+               for i, name in enumerate("AB")]
+    with contextlib.ExitStack() as stack:
+        for s in servers:
+            stack.enter_context(serving(s))
+        stack.callback(release.set)  # on failure too, so no worker stays parked in its evaluator
+        url = servers[0].url
+        for _ in range(10):  # a threaded server would take the second request itself about half the time
+            release.clear()
+            answers = []
+            threads = [threading.Thread(target=lambda: answers.append(upstream_post(url, request_for([DOG]))),
+                                        daemon=True) for _ in range(2)]
+            threads[0].start()
+            first = entered.get(timeout=10)
+            threads[1].start()
+            second = entered.get(timeout=3)  # a worker that took it while busy would block on its lock here
+            assert {first, second} == {"A", "B"}
+            release.set()
+            for t in threads:
+                t.join(timeout=30)
+            assert [a.status_code for a in answers] == [200, 200]
+            assert all(a.headers.get("Connection") == "close" for a in answers)
 
 
 def test_two_cpu_workers_share_the_port_and_both_answer(tiny_paths, tmp_path):

@@ -110,6 +110,9 @@ class GenEvalServer(ThreadingHTTPServer):
                  one_at_a_time: bool, show_traceback: bool, read_timeout: float, max_image_pixels: int):
         super().__init__(sock.getsockname()[:2], _Handler, bind_and_activate=False)
         self.socket.close()
+        # Workers sharing the socket all wake for one connection; the losers must go back to select(), not
+        # sit in a blocking accept() that neither shutdown() nor an idle-worker hand-off can get past.
+        sock.setblocking(False)
         self.socket = sock
         self.server_address = sock.getsockname()[:2]
         self.evaluator = evaluator
