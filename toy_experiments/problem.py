@@ -94,6 +94,18 @@ def value_gradient(x: torch.Tensor, alpha_bar: float) -> torch.Tensor:
     return p_star.noisy(alpha_bar).score(x) - p.noisy(alpha_bar).score(x)
 
 
+def expected_reward_gradient(mixture: GaussianMixture, x: torch.Tensor, alpha_bar: float) -> torch.Tensor:
+    """∇_{x_t} E[r(x0) | x_t] for x0 from `mixture` (r linear, so = ∇ r(E[x0 | x_t]) = (√ᾱ/(1−ᾱ))·Cov[x0|x_t]·∇r).
+
+    What the GRPO-style (reward, not exp(reward/β)) estimators converge to when the rollouts follow `mixture`
+    exactly; it differs from Ψ = ∇ log E_p[exp(r/β) | x_t] whenever the posterior covariance depends on the tilt.
+    [B, 2] → [B, 2]"""
+    x = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(reward(mixture.posterior_mean(x, alpha_bar)).sum(), x)
+    return grad
+
+
 def exact_eps(mixture: GaussianMixture, alphas_bar: torch.Tensor):
     """The ideal ε-predictor of a diffusion model of `mixture`: ε*(x, t) = −√(1−ᾱ_t)·∇log p_t(x).
 

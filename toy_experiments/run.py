@@ -33,7 +33,8 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from . import ddpm, estimators as est
-from .problem import exact_eps, reference_mixture, reward, tilted_mixture, value_gradient
+from .problem import (exact_eps, expected_reward_gradient, reference_mixture, reward, tilted_mixture,
+                      value_gradient)
 
 log = logging.getLogger("toy_experiments")
 
@@ -42,15 +43,15 @@ log = logging.getLogger("toy_experiments")
 class Config:
     seed: int = 42  # the toy draws its test points with seed 42 (spec §7.1)
     # Training of the two DDPMs (our choice; the toy's recipe is not recorded, spec §7.1).
-    base_steps: int = 3000
-    ft_steps: int = 1500
-    batch_size: int = 512
+    base_steps: int = 2000
+    ft_steps: int = 1000
+    batch_size: int = 256
     lr: float = 1e-3
     # Estimators.
     log2_n: tuple[int, ...] = (4, 6, 8, 10, 12, 14, 16)  # N = 2^m, m = 4, 6, …, 16 (spec §7.1)
     exact_points: int = 50  # script 1 of the toy uses 50 test points, scripts 2–3 use 100 (spec §7.1)
     learned_points: int = 6
-    learned_max_log2_n: int = 12  # learned rollouts cost ~1000× the exact ones on a CPU
+    learned_max_log2_n: int = 14  # learned rollouts cost ~1000× the exact ones on a CPU
     lookahead_ratios: tuple[float, ...] = (0.9, 0.8, 0.5)  # ρ = t_j/t_i (spec §7.1)
     branch_configs: tuple[tuple[int, int], ...] = ((1, 1), (2, 2), (3, 2), (4, 2), (2, 4))  # (#split, #branch), spec §4.3
     sqdf_mid: int = 195  # SQDF's DDIM jump 389 → 195 (spec §7.1)
@@ -196,8 +197,10 @@ def run_point(eps: ddpm.Denoiser, schedule: ddpm.Schedule, cfg: Config, x_t: tor
 
 
 def run_denoiser(name: str, eps: ddpm.Denoiser, schedule: ddpm.Schedule, cfg: Config, points: torch.Tensor,
-                 log2_n: list[int], block: int, bar: tqdm) -> tuple[Curves, dict]:
+                 all_points: torch.Tensor, log2_n: list[int], block: int, bar: tqdm) -> tuple[Curves, dict]:
+    """Every panel for one denoiser on `points`; the cheap first-order current-state estimators also on all_points."""
     t = ddpm.TEST_T
+    psi_all = value_gradient(all_points.double(), schedule.ab(t)).float()
     psi = value_gradient(points.double(), schedule.ab(t)).float()  # [P, 2]
     curves = Curves()
     # First-order current-state estimators: deterministic, one call for all points.
@@ -220,7 +223,15 @@ def run_denoiser(name: str, eps: ddpm.Denoiser, schedule: ddpm.Schedule, cfg: Co
         "psi_rms": psi.pow(2).mean(-1).sqrt().mean().item(),
         "dps_rmse": per_point_rmse(dps).mean().item(),
         "sqdf_rmse": per_point_rmse(sqdf).mean().item(),
+        "all_points": len(all_points),
+        "dps_rmse_all_points": (est.first_order_current_state(eps, schedule, all_points, t) - psi_all)
+        .pow(2).mean(-1).sqrt().mean().item(),
+        "sqdf_rmse_all_points": (est.first_order_sqdf(eps, schedule, all_points, t, cfg.sqdf_mid) - psi_all)
+        .pow(2).mean(-1).sqrt().mean().item(),
         "mixed_limit_vs_psi": sum(e["mixed_limit_vs_psi"] for e in extras) / len(extras),
+        # The value every reward-linear estimator shares in the limit of an exact model and N → ∞.
+        "reward_gradient_limit_vs_psi": per_point_rmse(
+            expected_reward_gradient(tilted_mixture(), points.double(), schedule.ab(t)).float()).mean().item(),
         "branch_nfe_ratio": {f"{k[0]}x{k[1]}": v for k, v in extras[0]["nfe_ratio"].items()},
     }
     log.info("%s: %s", name, json.dumps(summary))
@@ -298,7 +309,10 @@ def write_tables(rows: list[dict], summaries: dict, out: Path) -> None:
     for denoiser, s in summaries.items():
         lines.append(f"- **{denoiser}** denoiser: {s['points']} test points, N up to 2^{s['max_log2_n']}; "
                      f"mean |Psi| (RMS over coords) {s['psi_rms']:.4f}; SDE&ODE-mixed limit vs Psi (RMSE) "
-                     f"{s['mixed_limit_vs_psi']:.4f}")
+                     f"{s['mixed_limit_vs_psi']:.4f}; exact grad E_p*[r(x0)|x_t] vs Psi (RMSE) "
+                     f"{s['reward_gradient_limit_vs_psi']:.4f}; DPS {s['dps_rmse']:.4f}, SQDF {s['sqdf_rmse']:.4f} "
+                     f"(on all {s['all_points']} points: DPS {s['dps_rmse_all_points']:.4f}, "
+                     f"SQDF {s['sqdf_rmse_all_points']:.4f})")
     lines.append("")
     for panel in PANELS:
         sel = [r for r in rows if r["panel"] == panel]
@@ -312,7 +326,32 @@ def write_tables(rows: list[dict], summaries: dict, out: Path) -> None:
                     lines.append(f"| {name} | {denoiser} | " + " | ".join(
                         f"{cells[m]['rmse']:.4f}" if m in cells else "" for m in ms) + " |")
         lines.append("")
+        if panel == "branch_zeroth_branchgrpo":
+            lines += equal_compute_table(sel, list(summaries))
     (out / "results.md").write_text("\n".join(lines))
+
+
+def equal_compute_table(rows: list[dict], denoisers: list[str]) -> list[str]:
+    """Branching configurations at equal compute: RMSE interpolated (linearly in log2 RMSE vs log2 NFE) at
+    integer x = log2(NFE / NFE of one unbranched path), so configurations with different NFE per end point line up."""
+    lines = ["### branch_zeroth_branchgrpo at equal compute (interpolated)", ""]
+    xs = list(range(4, 17, 2))
+    lines += ["| configuration | denoiser | " + " | ".join(f"x={x}" for x in xs) + " |", "|---|---|" + "---|" * len(xs)]
+    for name in dict.fromkeys(r["estimator"] for r in rows):
+        for denoiser in denoisers:
+            pts = sorted((r["x"], math.log2(r["rmse"])) for r in rows if r["estimator"] == name and r["denoiser"] == denoiser)
+            if len(pts) < 2:
+                continue
+            cells = []
+            for x in xs:
+                seg = [(a, b) for a, b in zip(pts, pts[1:]) if a[0] <= x <= b[0]]
+                if not seg:
+                    cells.append("")
+                    continue
+                (x0, y0), (x1, y1) = seg[0]
+                cells.append(f"{2 ** (y0 + (y1 - y0) * (x - x0) / (x1 - x0)):.4f}")
+            lines.append(f"| {name} | {denoiser} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -355,7 +394,8 @@ def main(argv: list[str] | None = None) -> dict:
     with tqdm(total=sum(j[1] for j in jobs.values()), desc="test points", unit="pt") as bar:
         for name, (eps, n_points, log2_n, block) in jobs.items():
             t0 = time.perf_counter()
-            curves, summaries[name] = run_denoiser(name, eps, schedule, cfg, points[:n_points], log2_n, block, bar)
+            curves, summaries[name] = run_denoiser(name, eps, schedule, cfg, points[:n_points], points, log2_n,
+                                                   block, bar)
             timings[f"{name}_s"] = time.perf_counter() - t0
             rows += rows_of(name, curves)
     write_tables(rows, summaries, out)

@@ -3,7 +3,8 @@ import math
 import torch
 
 from toy_experiments import ddpm, estimators as est
-from toy_experiments.problem import GaussianMixture, REWARD_GRAD, exact_eps, reward, tilted_mixture
+from toy_experiments.problem import (GaussianMixture, REWARD_GRAD, exact_eps, expected_reward_gradient, reward,
+                                     tilted_mixture, value_gradient)
 
 T = ddpm.TEST_T
 SCHEDULE = ddpm.linear_schedule()
@@ -134,3 +135,16 @@ def test_branching_tree_shares_first_step_noise_and_counts_nfe():
     # 20 steps (389 … 199) with 2 paths per root, 19 steps (189 … 9) with 4.
     assert nfe == 3 * (2 * 20 + 4 * 19)
     assert est.branch_nfe_factor_spec(2, 2) == (2 + 4) / 2 / 4
+
+
+def test_exact_current_state_estimator_is_the_expected_reward_gradient_not_psi_on_the_mixture():
+    # With a perfect model of p*, DPS = ∇E_{p*}[r(x0)|x_t] exactly (r is linear). On the mixture that is not Ψ:
+    # Ψ averages the posterior covariance over tilts 0..1, the reward gradient takes it at tilt 1.
+    eps = exact_eps(tilted_mixture(), SCHEDULE.alphas_bar)
+    x = torch.randn(16, 2, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    limit = expected_reward_gradient(tilted_mixture(), x, AB_T)
+    torch.testing.assert_close(est.first_order_current_state(eps, SCHEDULE, x, T), limit)
+    gap = (limit - value_gradient(x, AB_T)).pow(2).mean(-1).sqrt().mean()
+    assert 0.02 < gap < 0.2
+    # On the single Gaussian the covariance does not depend on the tilt, and the two agree.
+    torch.testing.assert_close(expected_reward_gradient(GAUSS, x, AB_T), (math.sqrt(AB_T) * G).expand(16, -1))
