@@ -61,7 +61,8 @@ def call(reward, metadatas, x=None):
 
 @pytest.fixture(scope="module")
 def tiny_paths(tiny_models):
-    return {"detector": str(tiny_models.path("mask2former_coco_dog_cat")), "clip": str(tiny_models.path("clip_vit_l14"))}
+    return {"detector": str(tiny_models.path("mask2former_coco_dog_cat")),
+            "clip": str(tiny_models.path("clip_vit_l14"))}
 
 
 @pytest.fixture(scope="module")
@@ -229,6 +230,22 @@ def test_weighted_mix_reports_geneval_parts(recorded):
 
 
 # --- failure modes ---------------------------------------------------------------------------------------
+
+def test_a_request_over_the_servers_body_limit_is_named(evaluator):
+    recording = Recording(evaluator)
+    with serving(create_server(recording, port=0, max_body_bytes=10_000)) as server:
+        metadatas = [dogs(1)] * 8
+        x = images(8, size=64)  # random pixels: about 3.5 kB of JPEG each
+        with pytest.raises(GenEvalServerError, match=f"a request of 8 images is [0-9]+ bytes, over the limit of "
+                                                     f"10000 bytes of the server at {server.url}; lower batch_size"):
+            call(load_reward("geneval", url=server.url), metadatas, x)
+        assert recording.sizes == []  # known from /health: nothing was sent
+        # without the health check the server's own 413 names the limit
+        with pytest.raises(GenEvalServerError, match="answered HTTP 413: body of [0-9]+ bytes is over the limit of "
+                                                     "10000 bytes"):
+            call(load_reward("geneval", url=server.url, check_health=False), metadatas, x)
+        assert call(load_reward("geneval", url=server.url, batch_size=2), metadatas, x).scores.tolist() == [-2.0] * 8
+
 
 def test_no_server_at_construction_fails_at_once_naming_the_url():
     url = f"http://127.0.0.1:{free_port()}"

@@ -45,7 +45,8 @@ RED_DOG = {"tag": "colors", "prompt": "a photo of a red dog", "include": [{"clas
 
 @pytest.fixture(scope="module")
 def tiny_paths(tiny_models):
-    return {"detector": str(tiny_models.path("mask2former_coco_dog_cat")), "clip": str(tiny_models.path("clip_vit_l14"))}
+    return {"detector": str(tiny_models.path("mask2former_coco_dog_cat")),
+            "clip": str(tiny_models.path("clip_vit_l14"))}
 
 
 @pytest.fixture(scope="module")

@@ -139,8 +139,12 @@ class GenEvalReward(Reward):
         self._path = parts.path or "/"
         self._executor: ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
+        # our server reports its body limit; checking it here names the cause, where a refused upload of a
+        # large body would only show up as a broken pipe
+        self.server_max_body_bytes: int | None = None
         if check_health:
-            self.health(timeout=health_timeout)
+            limit = self.health(timeout=health_timeout).get("max_body_bytes")
+            self.server_max_body_bytes = limit if isinstance(limit, int) and limit > 0 else None
 
     # --- transport -------------------------------------------------------------------------------------
 
@@ -149,7 +153,10 @@ class GenEvalReward(Reward):
         cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
         conn = cls(self._host, self._port, timeout=min(self.connect_timeout, timeout))
         try:
-            conn.connect()
+            try:
+                conn.connect()
+            except TimeoutError:  # nothing answered the SYN: a connection failure, unlike a slow answer
+                raise ConnectionError(f"connect timed out after {conn.timeout:g} s") from None
             conn.sock.settimeout(timeout)
             conn.request(method, path, body=body)  # no Content-Type, as upstream; Content-Length is set
             response = conn.getresponse()
@@ -176,6 +183,10 @@ class GenEvalReward(Reward):
             return {"status": "unreadable /health", "http_status": status}
 
     def _post(self, body: bytes, batch: int) -> dict:
+        if self.server_max_body_bytes is not None and len(body) > self.server_max_body_bytes:
+            raise GenEvalServerError(f"{self.name}: a request of {batch} images is {len(body)} bytes, over the limit "
+                                     f"of {self.server_max_body_bytes} bytes of the server at {self.url}; lower "
+                                     f"batch_size or start the server with a larger --max-body-mb")
         attempts = self.retries + 1
         start = time.monotonic()
         last = ""
