@@ -412,6 +412,8 @@ def _supervise(args: argparse.Namespace, sock: socket.socket, devices: list[str]
             code = 1
             break
         time.sleep(0.2)
+    if stopping:
+        logger.info("master (pid %d) stopping its workers", os.getpid())
     for p in procs:
         if p.poll() is None:
             p.terminate()
