@@ -245,6 +245,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             with self.server.lock:
                 result = self.server.evaluator(arrays, metadatas, only_strict)
+                self.server.requests_served += 1
             response = plain_response(result, len(arrays))
         except Exception as exc:
             logger.error("evaluator failed on %d images:\n%s", len(arrays), traceback.format_exc())
@@ -253,7 +254,6 @@ class _Handler(BaseHTTPRequestHandler):
                 body = (reason + "\n" + traceback.format_exc()).encode()
                 return self._send(500, body, "text/plain; charset=utf-8")
             return self._fail(500, reason)
-        self.server.requests_served += 1
         self._send(200, pickle.dumps(response), "application/octet-stream")
         logger.info("POST / %d images only_strict=%s -> 200 in %.2f s", len(arrays), only_strict,
                     time.perf_counter() - start)
@@ -362,7 +362,14 @@ def _exit_with_parent() -> None:
 
 def _serve(args: argparse.Namespace, sock: socket.socket, device: str, label: str, workers: int) -> None:
     start = time.perf_counter()
-    evaluator = _load(args, device)
+    try:
+        evaluator = _load(args, device)
+    except Exception as exc:  # bad option, missing weights or backend: one line, the traceback on request
+        logger.debug("evaluator load failed", exc_info=True)
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        logger.error("worker %d cannot load the evaluator on %s: %s: %s (--log-level DEBUG shows the traceback)",
+                     args.worker_index, label, type(exc).__name__, text)
+        raise SystemExit(1) from None
     server = create_server(evaluator, sock=sock, max_body_bytes=int(args.max_body_mb * 2**20), device=label,
                            backend=args.backend, worker=args.worker_index, workers=workers,
                            one_at_a_time=workers > 1, show_traceback=args.traceback,
