@@ -20,21 +20,20 @@ import time
 
 import numpy as np
 import pytest
+import requests  # what the upstream clients post with (installed with diffusers in this repo's environment)
 from PIL import Image
 
-requests = pytest.importorskip("requests")
-
-from shared_rewards.geneval.client import start_server  # noqa: E402
-from shared_rewards.geneval.evaluator import load_evaluator  # noqa: E402
-from shared_rewards.geneval.protocol import RESPONSE_KEYS, safe_loads  # noqa: E402
-from shared_rewards.geneval.serve import (  # noqa: E402
+from shared_rewards.geneval.client import start_server
+from shared_rewards.geneval.evaluator import load_evaluator
+from shared_rewards.geneval.protocol import RESPONSE_KEYS, safe_loads
+from shared_rewards.geneval.serve import (
     WORKER_HEADER,
     bind_socket,
     create_server,
     parse_options,
     worker_devices,
 )
-from shared_rewards.geneval.vocabulary import TAGS  # noqa: E402
+from shared_rewards.geneval.vocabulary import TAGS
 
 pytestmark = pytest.mark.timeout(120)  # a server bug must fail the test, not hang CI
 
