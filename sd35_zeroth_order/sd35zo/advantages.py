@@ -125,8 +125,9 @@ def _group_moments(rewards: torch.Tensor, index: torch.Tensor, groups: int):
     means = torch.zeros(groups, cols, dtype=torch.float64).index_add_(0, index, rewards) / counts  # [G, T]
     centered = rewards - means[index]  # [R, T]
     var = torch.zeros(groups, cols, dtype=torch.float64).index_add_(0, index, centered**2) / counts
-    big = torch.full((groups, cols), -torch.inf, dtype=torch.float64).index_reduce_(0, index, rewards, "amax")
-    small = torch.full((groups, cols), torch.inf, dtype=torch.float64).index_reduce_(0, index, rewards, "amin")
+    rows = index[:, None].expand(-1, cols)  # [R, T]
+    big = torch.full((groups, cols), -torch.inf, dtype=torch.float64).scatter_reduce_(0, rows, rewards, "amax")
+    small = torch.full((groups, cols), torch.inf, dtype=torch.float64).scatter_reduce_(0, rows, rewards, "amin")
     return means, var.sqrt(), big == small
 
 
