@@ -88,5 +88,5 @@ def perturb(model, scale: float, seed: int = 2):
 
 def grads(loss, model):
     """Flattened ∂loss/∂θ."""
-    g = torch.autograd.grad(loss, list(model.parameters()))
+    g = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
     return torch.cat([t.flatten() for t in g])
