@@ -1,0 +1,233 @@
+"""The SD3.5 run matrix: one config per id `sd3.<profile>.<sampler>.<reward>.<loss>.<reweight>` (spec §2).
+
+    --config config/sd3_matrix.py:sd3.lowsnr2.branch.geneval.matching.fairclip2        # the paper's "Ours"
+    --config config/sd3_matrix.py:sd3.base.default.geneval.ppo.base --config.seed=1    # any key overridable
+    --config config/sd3_matrix.py:tiny:sd3.lowsnr2.branch.geneval.matching.fairclip2   # same run, tiny kit
+
+Build order (spec §2.2): base defaults -> SD3 block -> sampler block -> reward preset -> objective ->
+save_dir. Baseline and ours differ only in the keys the paper changes; `python config/sd3_matrix.py diff
+<id> <id>` prints them. The config is validated here, at load, by `sd35zo.config_check`.
+"""
+import importlib.util
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # sd35_zeroth_order/
+if ROOT not in sys.path:  # ml_collections loads this file by path; the checks live in the package
+    sys.path.insert(0, ROOT)
+
+from sd35zo import config_check  # noqa: E402
+
+
+def _load_sibling(name):
+    spec = importlib.util.spec_from_file_location(f"sd35_config_{name}", os.path.join(ROOT, "config", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+base = _load_sibling("base")
+presets = _load_sibling("sd3_reward_presets")
+
+# exploration_k per profile: branches per step, 10 entries for the 10 sampling steps; the last entry has
+# no transition after it and is dropped by the trainer (spec §2.3, values from upstream sd3_matrix.py).
+PROFILES = {
+    "base": [6] * 10,
+    "highsnr": [3, 3, 4, 5, 6, 7, 7, 8, 11, 6],
+    "highsnr2": [4, 5, 5, 6, 7, 8, 9, 10, 0, 6],
+    "base2": [7, 7, 7, 7, 7, 7, 6, 6, 0, 6],
+    "lowsnr": [6, 6, 8, 10, 11, 13, 0, 0, 0, 6],
+    "lowsnr2": [6, 6, 8, 10, 0, 0, 0, 0, 0, 6],  # the paper: branch only at the 4 noisiest steps
+}
+SAMPLERS = ("default", "branch")
+REWARDS = presets.REWARDS
+LOSSES = ("ppo", "matching")
+# CLI spelling -> train.reweight_type (spec §2.6)
+REWEIGHTS = {
+    "base": "base",
+    "tempflow": "tempflow_reweight",
+    "pcpo": "pcpo_reweight",
+    "guard": "grpo_guard",
+    "fairclip": "fair_clip",
+    "fairclip2": "fair_clip2",
+}
+FIELDS = (("profile", tuple(PROFILES)), ("sampler", SAMPLERS), ("reward", REWARDS), ("loss", LOSSES),
+          ("reweight", tuple(REWEIGHTS)))
+TINY_PREFIX = "tiny:"
+TINY_BUDGET = {"default": (2, 2), "branch": (2, 2)}  # (prompts, images per prompt) per epoch, global
+TINY_CHUNK = 4  # latent_chunk_size on the tiny kit
+
+
+def parse_config_id(config_id):
+    """`sd3.<profile>.<sampler>.<reward>.<loss>.<reweight>` -> dict of the five fields."""
+    parts = config_id.split(".")
+    if len(parts) != 6 or parts[0] != "sd3":
+        raise config_check.ConfigError(
+            f"config id {config_id!r} must be sd3.<profile>.<sampler>.<reward>.<loss>.<reweight>")
+    fields = dict(zip((name for name, _ in FIELDS), parts[1:]))
+    for name, allowed in FIELDS:
+        if fields[name] not in allowed:
+            raise config_check.ConfigError(
+                f"{name}={fields[name]!r} in config id {config_id!r} is not supported; allowed: {', '.join(allowed)}")
+    return fields
+
+
+def list_config_ids():
+    """All 6 * 2 * 9 * 2 * 6 = 1296 ids, including those that validation rejects."""
+    ids = [()]
+    for _, allowed in FIELDS:
+        ids = [prefix + (value,) for prefix in ids for value in allowed]
+    return ["sd3." + ".".join(parts) for parts in ids]
+
+
+def _sd3_block(config):
+    """Step 2: SD3.5-Medium at 512 px, 10 sampling steps, LoRA + EMA (upstream sd3_matrix common block)."""
+    config.pretrained.model = "stabilityai/stable-diffusion-3.5-medium"
+    config.dataset = os.path.join(ROOT, "dataset", "pickscore")
+    config.use_lora = True
+    config.resolution = 512
+    config.activation_checkpointing = True
+    config.sample.batch_size = 8  # unused
+    config.sample.num_batches_per_epoch = 4
+    config.sample.num_steps = 10
+    config.sample.eval_num_steps = 40
+    config.sample.guidance_scale = 4.5
+    config.sample.group_strategy = "prompt"
+    config.train.batch_size = 4
+    config.train.gradient_accumulation_steps = 2
+    config.train.heuristic_kldenom_trick = True
+    config.train.ema = True
+    config.save_freq = 50
+    config.eval_freq = 50
+    config.num_epochs = 301
+    config.prompt_fn = "general_ocr"
+    config.reward_fn = {"pickscore": 1.0}
+    config.per_prompt_stat_tracking = True
+
+
+def _sampler_block(config, sampler, profile):
+    """Step 3 (spec §2.4)."""
+    config.sample.test_batch_size = 16
+    config.train.num_inner_epochs = 1
+    config.train.timestep_fraction = 0.99  # T = int(10 * 0.99) = 9 of the 10 transitions are trained
+    if sampler == "default":
+        # Flow-GRPO: whole SDE trajectories, 32 images per rollout per process
+        config.sample.sampling_mode = "default"
+        config.sample.train_batch_size = 32
+        config.train.batch_size = 32
+        config.sample.global_std = True
+        config.sample.same_latent = False
+        return
+    # branch: ODE backbone with k_i one-step SDE branches at step i
+    config.sample.sampling_mode = "sde_branching"
+    del config.sample["train_batch_size"]  # the branch trainer has no such batch; a stale value would mislead
+    config.sample.global_std = False
+    config.sample.exploration_k = list(PROFILES[profile])
+    config.sample.collection_batch_size = 4  # B: initial noises per rollout per process
+    config.sample.branch_batch_size = 12     # unused
+    config.latent_chunk_size = 12            # L: branch rows per transformer call; microbatch = L * T rows
+    config.train.batch_size = 12
+    config.train.updates_per_epoch = 2
+
+
+def world_size_at_load(config):
+    """The number of processes this config is resolved for: accelerate/torchrun export WORLD_SIZE to every
+    process they start; outside a launch (tests, --dry-run checks) the preset's reference world size."""
+    return int(os.environ.get("WORLD_SIZE") or config.reference_world_size)
+
+
+def build_config(profile, sampler, reward, loss, reweight, world_size=None):
+    """The resolved, validated config of one matrix cell (spec §2.2), budgets derived for `world_size`."""
+    config = _assemble(profile, sampler, reward, loss, reweight)
+    # sample.num_batches_per_epoch (and the default trainer's accumulation) follow from the world size
+    config_check.finalize(config, world_size or world_size_at_load(config))
+    return config
+
+
+def _assemble(profile, sampler, reward, loss, reweight):
+    config = base.get_config()
+    _sd3_block(config)
+    _sampler_block(config, sampler, profile)
+    presets.apply_reward_preset(config, reward, sampler, ROOT)
+    config.train.loss_type = loss
+    config.train.reweight_type = REWEIGHTS[reweight]
+    if sampler == "branch":
+        config.sample.group_strategy = "seed"  # advantages per (initial noise, step): the k_i branches
+    config.save_dir = f"../logs/sd3/{profile}/{sampler}/{reward}/{loss}_{reweight}"
+    return config
+
+
+def tiny(config_id, world_size=None):
+    """The same cell on the tiny test kit: tiny SD3 and reward checkpoints, 64 px, fp32, a budget that runs on
+    one CPU process (or two) in seconds. The only place that knows about tiny models; trainers see an
+    ordinary config."""
+    from rsm_testkit import get_tiny_model, tiny_reward_options  # test kit, installed from ci/
+
+    fields = parse_config_id(config_id)
+    config = _assemble(**fields)
+    config.pretrained.model = str(get_tiny_model("sd35"))
+    config.reward_options = {name: {**config.reward_options[name].to_dict(), **tiny_reward_options(name)}
+                             for name in config.reward_fn}
+    config.resolution = 64
+    config.mixed_precision = "no"
+    config.allow_tf32 = False
+    config.activation_checkpointing = False
+    config.reference_world_size = 1
+    config.num_epochs = 2
+    config.save_freq = 1
+    config.eval_freq = 1
+    config.sample.eval_num_steps = 10
+    config.sample.test_batch_size = 2
+    config.sample.num_prompt_per_epoch, config.sample.num_image_per_prompt = TINY_BUDGET[fields["sampler"]]
+    if fields["sampler"] == "default":
+        config.sample.train_batch_size = config.train.batch_size = 1
+    else:
+        config.sample.collection_batch_size = 1
+        config.latent_chunk_size = config.train.batch_size = TINY_CHUNK
+    # tiny text encoders give other embedding shapes: keep their cache apart from the real one
+    cache_dir = os.path.join(ROOT, "..", "cache", "sd35_embeddings", "tiny", os.path.basename(config.dataset))
+    config.train_hdf5_path = os.path.join(cache_dir, "train_embeddings.h5")
+    config.test_hdf5_path = os.path.join(cache_dir, "test_embeddings.h5")
+    config.wandb.mode = "disabled"
+    config.save_dir = "../logs/tiny/" + config.save_dir[len("../logs/"):]
+    config_check.finalize(config, world_size or world_size_at_load(config))
+    return config
+
+
+def get_config(name):
+    """Entry point for ml_collections: `name` is a config id, optionally prefixed with `tiny:`."""
+    if name.startswith(TINY_PREFIX):
+        return tiny(name[len(TINY_PREFIX):])
+    return build_config(**parse_config_id(name))
+
+
+def changed_keys(a, b):
+    """{key: (value in a, value in b)} for every flattened key whose value differs (or exists in one only)."""
+    flat_a, flat_b = _flatten(a.to_dict()), _flatten(b.to_dict())
+    missing = "<absent>"
+    return {key: (flat_a.get(key, missing), flat_b.get(key, missing))
+            for key in sorted(set(flat_a) | set(flat_b)) if flat_a.get(key, missing) != flat_b.get(key, missing)}
+
+
+def _flatten(tree, prefix=""):
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+if __name__ == "__main__":
+    # python config/sd3_matrix.py list | show <id> | diff <id_a> <id_b>
+    command, args = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("list", [])
+    if command == "list":
+        print("\n".join(list_config_ids()))
+    elif command == "show":
+        print(get_config(args[0]))
+    elif command == "diff":
+        for key, (left, right) in changed_keys(get_config(args[0]), get_config(args[1])).items():
+            print(f"{key}: {left!r} -> {right!r}")
+    else:
+        sys.exit("usage: python config/sd3_matrix.py list | show <id> | diff <id_a> <id_b>")

@@ -1,0 +1,324 @@
+"""Config validation and the per-epoch budgets derived from the actual world size (spec §2.5, §2.7, §4.6, §7.9).
+
+A reward preset fixes the *global* work per epoch (prompts x images per prompt); how many rollouts each
+process runs, how many rows it trains on, how they pack into microbatches and how many microbatches one
+optimizer step accumulates all follow from the number of processes. Upstream divided by a GPU count stored
+in the preset whatever `--num-processes` said (spec §7.10.6); here the division uses the real world size,
+so 1 GPU runs the 4-GPU recipe with 4x the accumulation (the same rows per optimizer step; see
+`derive_budgets`).
+
+Every failure is one line naming the key and what it may be, raised as `ConfigError` at load time, before
+any model is built. Pure Python: importing this module does not import torch.
+
+    python -m sd35zo.config_check --world_size 4 --config config/sd3_matrix.py:<id> [--config.key=value ...]
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+COMPONENT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SAMPLING_MODES = ("default", "sde_branching")
+LOSS_TYPES = ("ppo", "matching")
+REWEIGHT_TYPES = ("base", "tempflow_reweight", "pcpo_reweight", "grpo_guard", "fair_clip", "fair_clip2")
+PPO_REWEIGHT_TYPES = REWEIGHT_TYPES[:-1]  # the PPO ratio has no fair_clip2 form (upstream raises mid-epoch)
+GROUP_STRATEGIES = ("seed", "prompt", "batch")
+PROMPT_FNS = ("general_ocr", "geneval")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+REWARD_NAMES = ("geneval", "ocr", "pickscore", "deqa", "imagereward", "qwenvl", "aesthetic",
+                "jpeg_compressibility", "unifiedreward")
+PATH_KEYS = ("train_hdf5_path", "train_prompt_file_path", "test_hdf5_path", "test_prompt_file_path")
+DEFAULT_UPDATES_PER_EPOCH = 2  # the default trainer splits an epoch's batches into 2 optimizer steps
+
+
+class ConfigError(ValueError):
+    """A config value that no trainer can run; the message is one line naming the key."""
+
+
+def _require(ok, message):
+    if not ok:
+        raise ConfigError(message)
+
+
+def _one_of(key, value, allowed):
+    _require(value in allowed, f"{key}={value!r} is not supported; allowed: {', '.join(map(str, allowed))}")
+
+
+def _positive_int(key, value):
+    _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+             f"{key}={value!r} must be a positive integer")
+
+
+def is_branch(config):
+    return config.sample.sampling_mode == "sde_branching"
+
+
+def train_steps(config):
+    """T: transitions trained per trajectory, int(num_steps * timestep_fraction) (9 for 10 steps x 0.99)."""
+    return int(config.sample.num_steps * config.train.timestep_fraction)
+
+
+def transition_schedule(exploration_k, num_steps):
+    """Branches per transition i -> i+1, i = 0..num_steps-2.
+
+    An int gives every transition that many branches. A list of num_steps entries (one per sampling step,
+    upstream's profile format) drops its last entry, which has no transition after it; a list of
+    num_steps - 1 entries is used as is.
+    """
+    if isinstance(exploration_k, int) and not isinstance(exploration_k, bool):
+        schedule = [exploration_k] * (num_steps - 1)
+    else:
+        schedule = list(exploration_k)
+        _require(len(schedule) in (num_steps, num_steps - 1),
+                 f"sample.exploration_k has {len(schedule)} entries; allowed: {num_steps} (one per step, last "
+                 f"dropped) or {num_steps - 1} (one per transition)")
+        schedule = schedule[:num_steps - 1]
+    _require(all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in schedule),
+             f"sample.exploration_k={list(schedule)} must hold non-negative integers")
+    return schedule
+
+
+def training_schedule(config):
+    """The branch counts of the T trained transitions."""
+    return transition_schedule(config.sample.exploration_k, config.sample.num_steps)[:train_steps(config)]
+
+
+def validate(config):
+    """Checks that do not depend on the world size. Raises ConfigError."""
+    sample, train = config.sample, config.train
+    _one_of("sample.sampling_mode", sample.sampling_mode, SAMPLING_MODES)
+    _one_of("train.loss_type", train.loss_type, LOSS_TYPES)
+    _one_of("train.reweight_type", train.reweight_type, REWEIGHT_TYPES)
+    if train.loss_type == "ppo":
+        _require(train.reweight_type in PPO_REWEIGHT_TYPES,
+                 f"train.reweight_type={train.reweight_type!r} is defined only for train.loss_type='matching' "
+                 f"(--reweight fairclip2 needs --loss matching); with ppo allowed: {', '.join(PPO_REWEIGHT_TYPES)}")
+    _one_of("mixed_precision", config.mixed_precision, MIXED_PRECISIONS)
+    _one_of("prompt_fn", config.prompt_fn, PROMPT_FNS)
+    _one_of("wandb.mode", config.wandb.mode, WANDB_MODES)
+    for key in PATH_KEYS:
+        _require(bool(config[key]), f"{key} is empty; set it to a file path")
+    _require(len(config.reward_fn) > 0, "reward_fn is empty; give at least one reward name -> weight")
+    for name in config.reward_fn:
+        _one_of("reward_fn", name, REWARD_NAMES)
+    _positive_int("sample.num_steps", sample.num_steps)
+    _positive_int("sample.eval_num_steps", sample.eval_num_steps)
+    _require(0.0 < train.timestep_fraction <= 1.0 and train_steps(config) >= 1,
+             f"train.timestep_fraction={train.timestep_fraction!r} must be in (0, 1] and train at least one of "
+             f"the {sample.num_steps} steps")
+    _positive_int("sample.num_prompt_per_epoch", sample.num_prompt_per_epoch)
+    _positive_int("sample.num_image_per_prompt", sample.num_image_per_prompt)
+    _positive_int("sample.test_batch_size", sample.test_batch_size)
+    _positive_int("train.num_inner_epochs", train.num_inner_epochs)
+    _positive_int("num_epochs", config.num_epochs)
+    _positive_int("save_freq", config.save_freq)
+    _positive_int("eval_freq", config.eval_freq)
+    _require(config.resolution % 16 == 0, f"resolution={config.resolution!r} must be a multiple of 16 "
+             "(VAE factor 8 x transformer patch 2)")
+    if not is_branch(config):
+        _positive_int("sample.train_batch_size", sample.get("train_batch_size"))
+        return
+    _one_of("sample.group_strategy", sample.get("group_strategy"), GROUP_STRATEGIES)
+    _positive_int("sample.collection_batch_size", sample.get("collection_batch_size"))
+    _positive_int("latent_chunk_size", config.get("latent_chunk_size"))
+    _positive_int("train.updates_per_epoch", train.get("updates_per_epoch"))
+    _require(sample.get("exploration_k") is not None, "sample.exploration_k is missing; the branch sampler needs it")
+    _require(any(k > 0 for k in training_schedule(config)),
+             f"sample.exploration_k={list(sample.exploration_k)} branches at none of the {train_steps(config)} "
+             "trained transitions; give at least one k > 0")
+
+
+@dataclass(frozen=True)
+class RolloutBudget:
+    world_size: int
+    images_per_epoch: int       # global trajectories (prompts x images per prompt)
+    images_per_rollout: int     # per process: sample.train_batch_size (default) or collection_batch_size B
+    rollouts_per_epoch: int     # per process: sample.num_batches_per_epoch
+
+
+def rollout_budget(config, world_size):
+    """Rollouts per process per epoch = global images / (images per rollout x processes); must divide."""
+    _positive_int("world_size", world_size)
+    sample = config.sample
+    per_rollout = sample.collection_batch_size if is_branch(config) else sample.train_batch_size
+    per_rollout_key = "sample.collection_batch_size" if is_branch(config) else "sample.train_batch_size"
+    total = sample.num_prompt_per_epoch * sample.num_image_per_prompt
+    _require(total % (per_rollout * world_size) == 0,
+             f"sample.num_prompt_per_epoch x sample.num_image_per_prompt = {total} images per epoch do not split "
+             f"into rollouts of {per_rollout} ({per_rollout_key}) on {world_size} processes")
+    return RolloutBudget(world_size, total, per_rollout, total // (per_rollout * world_size))
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One epoch's work on one process (global where the name says so)."""
+    world_size: int
+    rollouts_per_epoch: int          # sample.num_batches_per_epoch
+    images_per_rollout: int
+    images_per_epoch_global: int
+    train_steps: int                 # T
+    rows_per_epoch: int              # trained transition rows (branch: one per branch; default: sample x step)
+    anchor_rows_per_epoch: int       # ODE-backbone KL anchor rows (branch with use_ode_kl_anchor)
+    microbatch_rows: int             # rows per backward pass: U = latent_chunk_size x T, or train_batch_size
+    microbatches_per_epoch: int      # backward passes per inner epoch
+    padding_rows: int                # masked copies that fill the last microbatch (branch)
+    gradient_accumulation: int       # backward passes per optimizer step
+    updates_per_epoch: int           # optimizer steps per inner epoch
+    optimizer_steps_total: int       # over num_epochs x num_inner_epochs
+
+    def summary(self):
+        return " ".join(f"{key}={value}" for key, value in asdict(self).items())
+
+
+def working_world_sizes(config, candidates=range(1, 9)):
+    """The world sizes among `candidates` for which `derive_budgets` succeeds."""
+    ok = []
+    for world_size in candidates:
+        try:
+            derive_budgets(config, world_size)
+        except ConfigError:
+            continue
+        ok.append(world_size)
+    return ok
+
+
+def _divisors(n):
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def derive_budgets(config, world_size):
+    """The epoch arithmetic of spec §1.5 / §4.6 / §4.7 for `world_size` processes. Raises ConfigError when an
+    epoch cannot be split into whole optimizer steps (upstream's "no-carry" rule: no microbatch is carried
+    over to the next update or the next epoch).
+
+    Branch trainer: rows = rollouts x B x sum(k_i > 0); microbatches = ceil(rows / (L x T)) (the last one
+    padded with masked rows); accumulation = microbatches / train.updates_per_epoch, which must divide.
+    Default trainer: rollouts must be even (2 optimizer steps per epoch, each accumulating half the
+    rollouts, each rollout contributing one backward pass per trained step).
+
+    The paper run has 5760 rows per epoch globally: 4 processes x 14 microbatches of 108 rows, 7 per
+    optimizer step; on 1 process 54 microbatches, 27 per step. Both take 2 optimizer steps per epoch over
+    the same 2880 rows each (only the padding differs: 72 masked rows on each of 4 processes vs 72 on one).
+    """
+    rollout = rollout_budget(config, world_size)
+    steps = train_steps(config)
+    epochs = config.num_epochs * config.train.num_inner_epochs
+    if not is_branch(config):
+        rollouts = rollout.rollouts_per_epoch
+        _require(rollouts % DEFAULT_UPDATES_PER_EPOCH == 0,
+                 f"sample.num_batches_per_epoch={rollouts} (= {rollout.images_per_epoch} images / "
+                 f"({rollout.images_per_rollout} sample.train_batch_size x {world_size} processes)) must be even "
+                 f"for the default trainer's 2 updates per epoch; world sizes that work: "
+                 f"{_list(working_world_sizes_default(config))}")
+        micro = rollouts * steps  # one backward pass per (rollout, trained step)
+        return Budget(world_size, rollouts, rollout.images_per_rollout, rollout.images_per_epoch, steps,
+                      rows_per_epoch=rollouts * rollout.images_per_rollout * steps, anchor_rows_per_epoch=0,
+                      microbatch_rows=rollout.images_per_rollout, microbatches_per_epoch=micro, padding_rows=0,
+                      gradient_accumulation=micro // DEFAULT_UPDATES_PER_EPOCH,
+                      updates_per_epoch=DEFAULT_UPDATES_PER_EPOCH,
+                      optimizer_steps_total=DEFAULT_UPDATES_PER_EPOCH * epochs)
+
+    schedule = training_schedule(config)
+    per_trajectory = sum(schedule)  # zero entries add no branch rows
+    zero_steps = sum(1 for k in schedule if k == 0)
+    rollouts, batch = rollout.rollouts_per_epoch, rollout.images_per_rollout
+    rows = rollouts * batch * per_trajectory
+    anchors = rollouts * batch * zero_steps if config.train.use_ode_kl_anchor else 0
+    unit = config.latent_chunk_size * steps
+    micro = math.ceil(rows / unit)
+    updates = config.train.updates_per_epoch
+    if micro % updates:
+        raise ConfigError(
+            f"train.updates_per_epoch={updates} must divide the {micro} microbatches per epoch (ceil({rows} rows / "
+            f"{unit} = latent_chunk_size x T)) on {world_size} processes; allowed train.updates_per_epoch: "
+            f"{_list(_divisors(micro))}; world sizes that work: {_list(working_world_sizes_branch(config))}")
+    return Budget(world_size, rollouts, batch, rollout.images_per_epoch, steps, rows_per_epoch=rows,
+                  anchor_rows_per_epoch=anchors, microbatch_rows=unit, microbatches_per_epoch=micro,
+                  padding_rows=micro * unit - rows, gradient_accumulation=micro // updates,
+                  updates_per_epoch=updates, optimizer_steps_total=updates * epochs)
+
+
+def _list(values):
+    return ", ".join(map(str, values)) if values else "none up to 8"
+
+
+def _branch_ok(config, world_size):
+    try:
+        rollout = rollout_budget(config, world_size)
+    except ConfigError:
+        return False
+    rows = rollout.rollouts_per_epoch * rollout.images_per_rollout * sum(training_schedule(config))
+    return math.ceil(rows / (config.latent_chunk_size * train_steps(config))) % config.train.updates_per_epoch == 0
+
+
+def working_world_sizes_branch(config, candidates=range(1, 9)):
+    return [w for w in candidates if _branch_ok(config, w)]
+
+
+def working_world_sizes_default(config, candidates=range(1, 9)):
+    ok = []
+    for world_size in candidates:
+        try:
+            rollouts = rollout_budget(config, world_size).rollouts_per_epoch
+        except ConfigError:
+            continue
+        if rollouts % DEFAULT_UPDATES_PER_EPOCH == 0:
+            ok.append(world_size)
+    return ok
+
+
+def finalize(config, world_size):
+    """Validate, then write the derived keys for `world_size` processes into `config` and return the Budget.
+
+    Trainers call this once after command-line overrides, with the real number of processes, so that
+    overriding a budget key (prompts per epoch, batch sizes) re-derives everything that depends on it.
+    """
+    validate(config)
+    budget = derive_budgets(config, world_size)
+    config.world_size = world_size
+    config.sample.num_batches_per_epoch = budget.rollouts_per_epoch
+    if not is_branch(config):
+        # accelerate accumulates per trained step, so the trainer multiplies this by T
+        config.train.gradient_accumulation_steps = budget.rollouts_per_epoch // DEFAULT_UPDATES_PER_EPOCH
+    return budget
+
+
+def run_path(path):
+    """A path from the config as an absolute path; relative ones are relative to the component directory."""
+    return path if os.path.isabs(path) else os.path.normpath(os.path.join(COMPONENT_ROOT, path))
+
+
+def main(argv=None):
+    """Load a config the way a trainer does (ml_collections flags + overrides), finalize it for --world_size
+    processes and print its budget; exit 1 with the one-line reason when it cannot run."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = sys.argv if argv is None else argv
+    registry = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "config file[:argument]", flag_values=registry,
+                                    lock_config=False)
+    flags.DEFINE_integer("world_size", 1, "number of training processes", flag_values=registry)
+    try:
+        registry(argv)
+        config = registry.config
+        _require(config is not None, "--config is required")
+        budget = finalize(config, registry.world_size)
+    except (ConfigError, flags.Error) as error:
+        cause = error
+        while cause.__cause__ is not None or cause.__context__ is not None:  # absl wraps get_config errors
+            if isinstance(cause, ConfigError):
+                break
+            cause = cause.__cause__ or cause.__context__
+        print(f"config error: {str(cause).splitlines()[0] if str(cause) else cause!r}", file=sys.stderr)
+        return 1
+    print(f"budget: {budget.summary()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
