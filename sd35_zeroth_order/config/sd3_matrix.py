@@ -6,7 +6,8 @@
 
 Build order (spec §2.2): base defaults -> SD3 block -> sampler block -> reward preset -> objective ->
 save_dir. Baseline and ours differ only in the keys the paper changes; `python config/sd3_matrix.py diff
-<id> <id>` prints them. The config is validated here, at load, by `sd35zo.config_check`.
+<id> <id>` prints them. Values are validated here, at load, by `sd35zo.config_check`; the budget split
+for the actual number of processes is checked by `config_check.finalize` after overrides.
 """
 import importlib.util
 import os
@@ -139,9 +140,17 @@ def world_size_at_load(config):
 def build_config(profile, sampler, reward, loss, reweight, world_size=None):
     """The resolved, validated config of one matrix cell (spec §2.2), budgets derived for `world_size`."""
     config = _assemble(profile, sampler, reward, loss, reweight)
-    # sample.num_batches_per_epoch (and the default trainer's accumulation) follow from the world size
-    config_check.finalize(config, world_size or world_size_at_load(config))
+    _check_and_derive(config, world_size)
     return config
+
+
+def _check_and_derive(config, world_size):
+    """Reject values no trainer accepts now; write the budget keys for the world size. Whether an epoch splits
+    into whole optimizer steps is judged by `config_check.finalize` after command-line overrides (a failing
+    split can be fixed by one, e.g. --config.train.updates_per_epoch=3), which the launcher runs before
+    `accelerate launch` and the trainers run at start-up."""
+    config_check.validate(config)
+    config_check.write_derived_keys(config, world_size or world_size_at_load(config))
 
 
 def _assemble(profile, sampler, reward, loss, reweight):
@@ -190,7 +199,7 @@ def tiny(config_id, world_size=None):
     config.test_hdf5_path = os.path.join(cache_dir, "test_embeddings.h5")
     config.wandb.mode = "disabled"
     config.save_dir = "../logs/tiny/" + config.save_dir[len("../logs/"):]
-    config_check.finalize(config, world_size or world_size_at_load(config))
+    _check_and_derive(config, world_size)
     return config
 
 

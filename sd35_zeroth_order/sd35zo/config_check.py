@@ -10,7 +10,7 @@ so 1 GPU runs the 4-GPU recipe with 4x the accumulation (the same rows per optim
 Every failure is one line naming the key and what it may be, raised as `ConfigError` at load time, before
 any model is built. Pure Python: importing this module does not import torch.
 
-    python -m sd35zo.config_check --world_size 4 --config config/sd3_matrix.py:<id> [--config.key=value ...]
+    WORLD_SIZE=4 python -m sd35zo.config_check --config config/sd3_matrix.py:<id> [--config.key=value ...]
 """
 from __future__ import annotations
 
@@ -271,19 +271,31 @@ def working_world_sizes_default(config, candidates=range(1, 9)):
     return ok
 
 
-def finalize(config, world_size):
-    """Validate, then write the derived keys for `world_size` processes into `config` and return the Budget.
+def write_derived_keys(config, world_size):
+    """Write the keys that follow from the budget for `world_size` processes, without judging them:
+    `world_size`, `sample.num_batches_per_epoch` and, for the default trainer, the optimizer's
+    `train.gradient_accumulation_steps` (in rollouts; accelerate multiplies it by T). `get_config` calls
+    this so that a config that cannot run yet can still be fixed by command-line overrides; `finalize`
+    judges the result."""
+    sample = config.sample
+    per_rollout = sample.collection_batch_size if is_branch(config) else sample.train_batch_size
+    rollouts = max(sample.num_prompt_per_epoch * sample.num_image_per_prompt // (per_rollout * world_size), 1)
+    config.world_size = world_size
+    sample.num_batches_per_epoch = rollouts
+    if not is_branch(config):
+        config.train.gradient_accumulation_steps = max(rollouts // DEFAULT_UPDATES_PER_EPOCH, 1)
 
-    Trainers call this once after command-line overrides, with the real number of processes, so that
-    overriding a budget key (prompts per epoch, batch sizes) re-derives everything that depends on it.
+
+def finalize(config, world_size):
+    """Validate, check that an epoch splits into whole optimizer steps on `world_size` processes, write the
+    derived keys and return the Budget. Raises ConfigError.
+
+    Trainers call this once, after command-line overrides and before building any model, with the real
+    number of processes; `scripts/single_node/run_sd3.sh` calls it (through `main`) before launching.
     """
     validate(config)
     budget = derive_budgets(config, world_size)
-    config.world_size = world_size
-    config.sample.num_batches_per_epoch = budget.rollouts_per_epoch
-    if not is_branch(config):
-        # accelerate accumulates per trained step, so the trainer multiplies this by T
-        config.train.gradient_accumulation_steps = budget.rollouts_per_epoch // DEFAULT_UPDATES_PER_EPOCH
+    write_derived_keys(config, world_size)
     return budget
 
 
@@ -293,8 +305,9 @@ def run_path(path):
 
 
 def main(argv=None):
-    """Load a config the way a trainer does (ml_collections flags + overrides), finalize it for --world_size
-    processes and print its budget; exit 1 with the one-line reason when it cannot run."""
+    """Load a config exactly as a trainer process does (ml_collections flags + overrides, WORLD_SIZE from the
+    environment as accelerate sets it), finalize it and print its budget; exit 1 with the one-line reason
+    when it cannot run."""
     from absl import flags
     from ml_collections import config_flags
 
@@ -302,22 +315,34 @@ def main(argv=None):
     registry = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "config file[:argument]", flag_values=registry,
                                     lock_config=False)
-    flags.DEFINE_integer("world_size", 1, "number of training processes", flag_values=registry)
     try:
         registry(argv)
         config = registry.config
         _require(config is not None, "--config is required")
-        budget = finalize(config, registry.world_size)
-    except (ConfigError, flags.Error) as error:
-        cause = error
-        while cause.__cause__ is not None or cause.__context__ is not None:  # absl wraps get_config errors
-            if isinstance(cause, ConfigError):
-                break
-            cause = cause.__cause__ or cause.__context__
-        print(f"config error: {str(cause).splitlines()[0] if str(cause) else cause!r}", file=sys.stderr)
+        budget = finalize(config, int(os.environ.get("WORLD_SIZE") or config.reference_world_size))
+    except Exception as error:  # noqa: BLE001 - absl wraps errors raised inside get_config and overrides
+        print(f"config error: {_root_message(error)}", file=sys.stderr)
         return 1
     print(f"budget: {budget.summary()}")
     return 0
+
+
+def _root_message(error):
+    """One line for the user: the ConfigError behind `error` if there is one (ml_collections folds the
+    traceback of an error raised in get_config into its own message), else the last line of the message."""
+    cause = error
+    while cause is not None:
+        if isinstance(cause, ConfigError):
+            return str(cause).splitlines()[0]
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(error, (KeyError, AttributeError)):  # ml_collections: override of a key that does not exist
+        return f"no config key {str(error).strip(chr(34))} (check the --config.<key>=<value> overrides)"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    marker = f"{ConfigError.__name__}: "
+    for line in lines:
+        if marker in line:
+            return line.split(marker, 1)[1]
+    return lines[-1] if lines else type(error).__name__
 
 
 if __name__ == "__main__":

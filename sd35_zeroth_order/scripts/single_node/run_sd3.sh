@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# Launch one SD3.5-Medium run of the config matrix on this machine (spec §1.1).
+#
+#   bash scripts/single_node/run_sd3.sh --profile lowsnr2 --sampler branch --reward geneval \
+#        --loss matching --reweight fairclip2 --num-processes 4          # the paper's Figure 4(a) "Ours"
+#
+# Builds the config id sd3.<profile>.<sampler>.<reward>.<loss>.<reweight>, checks the resolved config for
+# the chosen number of processes (sd35zo/config_check.py: one line saying what is wrong, before any model
+# loads), then runs `accelerate launch ... scripts/train_sd3.py|train_sd3_pr.py --config
+# config/sd3_matrix.py:<id>`. Everything after `--` is passed to the trainer, e.g. config overrides
+# `-- --config.train.learning_rate=1e-4`.
+set -euo pipefail
+trap '' HUP  # long runs survive the terminal closing
+
+COMPONENT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$COMPONENT_ROOT"  # relative paths in the configs (save_dir) are relative to the component
+
+PROFILES="base highsnr highsnr2 base2 lowsnr lowsnr2"
+SAMPLERS="default branch"
+REWARDS="geneval ocr pickscore deqa imagereward qwenvl aesthetic jpeg_compressibility unifiedreward"
+LOSSES="ppo matching"
+REWEIGHTS="base tempflow pcpo guard fairclip fairclip2"
+
+usage() {
+  cat <<EOF
+usage: bash scripts/single_node/run_sd3.sh [options] [-- trainer args]
+
+  --profile P            one of: $PROFILES (default base); branch steps and counts (branch sampler)
+  --sampler S            one of: $SAMPLERS (default default); default = scripts/train_sd3.py,
+                         branch = scripts/train_sd3_pr.py
+  --reward R             one of: $REWARDS (default pickscore)
+  --loss L               one of: $LOSSES (default ppo)
+  --reweight W           one of: $REWEIGHTS (default base)
+  --num-processes N      processes for accelerate launch (default: the reward preset's world size,
+                         4 for geneval, 2 otherwise; 1 with --tiny). Budgets follow N: the global
+                         images per epoch stay fixed and accumulation grows as N shrinks
+  --main-process-port P  default 29502 (default sampler) or 29700 (branch sampler)
+  --accelerate-config F  passed to accelerate launch as --config_file F
+  --model M              base model: hub id or local diffusers directory (config pretrained.model)
+  --output-dir D         where checkpoints and logs go (config save_dir)
+  --tiny                 the same run on the tiny test kit (rsm_testkit): tiny SD3 and reward models,
+                         64 px, a few rows per epoch, CPU; for smoke tests
+  --dry-run              check the config and print the command instead of running it
+  --list                 print the supported values of the five id fields and exit
+  -h, --help             this text
+  -- ARGS                passed to the trainer unchanged, e.g. -- --config.train.learning_rate=1e-4
+
+Environment: PYTHON (default python3) and ACCELERATE (default accelerate) name the executables.
+WANDB_API_KEY enables online logging (offline otherwise; --config.wandb.mode=disabled turns it off).
+TEMPFLOW_GENEVAL_REWARD_URL, TEMPFLOW_DEQA_REWARD_URL, TEMPFLOW_QWENVL_REWARD_URL and
+TEMPFLOW_UNIFIEDREWARD_URL point the service-backed rewards at their servers (or override
+--config.reward_options.<reward>.url). Cluster network settings (e.g. NCCL_IB_HCA, NCCL_IB_GID_INDEX
+for InfiniBand) are not set here: export what your cluster needs before launching.
+EOF
+}
+
+die_usage() {
+  echo "run_sd3.sh: $1" >&2
+  usage >&2
+  exit 1
+}
+
+need_value() {  # <flag> <number of remaining args>
+  [[ "$2" -ge 2 ]] || die_usage "$1 needs a value"
+}
+
+profile=base sampler=default reward=pickscore loss=ppo reweight=base
+num_processes="" main_process_port="" accelerate_config="" model="" output_dir=""
+tiny=0 dry_run=0
+trainer_args=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --profile) need_value "$1" $#; profile="$2"; shift 2 ;;
+    --sampler) need_value "$1" $#; sampler="$2"; shift 2 ;;
+    --reward) need_value "$1" $#; reward="$2"; shift 2 ;;
+    --loss) need_value "$1" $#; loss="$2"; shift 2 ;;
+    --reweight) need_value "$1" $#; reweight="$2"; shift 2 ;;
+    --num-processes) need_value "$1" $#; num_processes="$2"; shift 2 ;;
+    --main-process-port) need_value "$1" $#; main_process_port="$2"; shift 2 ;;
+    --accelerate-config) need_value "$1" $#; accelerate_config="$2"; shift 2 ;;
+    --model) need_value "$1" $#; model="$2"; shift 2 ;;
+    --output-dir) need_value "$1" $#; output_dir="$2"; shift 2 ;;
+    --tiny) tiny=1; shift ;;
+    --dry-run) dry_run=1; shift ;;
+    --list)
+      printf 'profiles: %s\nsamplers: %s\nrewards: %s\nlosses: %s\nreweights: %s\n' \
+        "$PROFILES" "$SAMPLERS" "$REWARDS" "$LOSSES" "$REWEIGHTS"
+      exit 0 ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; trainer_args=("$@"); break ;;
+    *) die_usage "unknown argument: $1" ;;
+  esac
+done
+
+# The sampler picks the script; every other field is checked by the config module (one line per error).
+case "$sampler" in
+  default) train_script=scripts/train_sd3.py; default_port=29502 ;;
+  branch) train_script=scripts/train_sd3_pr.py; default_port=29700 ;;
+  *) die_usage "--sampler must be one of: $SAMPLERS (got '$sampler')" ;;
+esac
+if [[ -z "$num_processes" ]]; then
+  if [[ "$tiny" == 1 ]]; then num_processes=1
+  elif [[ "$reward" == geneval ]]; then num_processes=4  # the geneval preset's world size (sd3_reward_presets.py)
+  else num_processes=2
+  fi
+fi
+[[ "$num_processes" =~ ^[1-9][0-9]*$ ]] || die_usage "--num-processes must be a positive integer (got '$num_processes')"
+main_process_port="${main_process_port:-$default_port}"
+[[ "$main_process_port" =~ ^[0-9]+$ ]] || die_usage "--main-process-port must be an integer (got '$main_process_port')"
+
+PYTHON="${PYTHON:-python3}"
+ACCELERATE="${ACCELERATE:-accelerate}"
+export PYTHONPATH="$COMPONENT_ROOT${PYTHONPATH:+:$PYTHONPATH}"  # the trainers import sd35zo
+
+config_id="sd3.${profile}.${sampler}.${reward}.${loss}.${reweight}"
+config_target="config/sd3_matrix.py:${config_id}"
+overrides=()
+if [[ "$tiny" == 1 ]]; then
+  config_target="config/sd3_matrix.py:tiny:${config_id}"  # tiny rewards, 64 px, small budget (sd3_matrix.tiny)
+  tiny_model="$("$PYTHON" -c "from rsm_testkit import get_tiny_model; print(get_tiny_model('sd35'))" 2>/dev/null)" \
+    || { echo "run_sd3.sh: --tiny needs the test kit: pip install -e ci (rsm_testkit) into $PYTHON's environment" >&2; exit 1; }
+  model="${model:-$tiny_model}"  # an explicit --model still wins
+fi
+[[ -n "$model" ]] && overrides+=("--config.pretrained.model=${model}")
+[[ -n "$output_dir" ]] && overrides+=("--config.save_dir=${output_dir}")
+
+launch=("$ACCELERATE" launch --num_machines 1 --num_processes "$num_processes" --main_process_port "$main_process_port")
+[[ -n "$accelerate_config" ]] && launch+=(--config_file "$accelerate_config")
+[[ "$tiny" == 1 ]] && launch+=(--cpu)
+command=("${launch[@]}" "$train_script" --config "$config_target" ${overrides[@]+"${overrides[@]}"}
+         ${trainer_args[@]+"${trainer_args[@]}"})
+
+echo "profile=${profile} sampler=${sampler} reward=${reward} loss=${loss} reweight=${reweight}"
+echo "config_id=${config_id}"
+echo "train_script=${train_script}"
+
+if [[ "$dry_run" == 0 && ! -f "$train_script" ]]; then
+  echo "run_sd3.sh: $train_script does not exist yet in this checkout (the trainers land in a later step); use --dry-run to see the command" >&2
+  exit 1
+fi
+
+# Resolve the config as each of the N processes will (overrides included) and print its epoch budget.
+config_flags=()
+for arg in ${overrides[@]+"${overrides[@]}"} ${trainer_args[@]+"${trainer_args[@]}"}; do
+  [[ "$arg" == --config.* ]] && config_flags+=("$arg")
+done
+WORLD_SIZE="$num_processes" "$PYTHON" -m sd35zo.config_check --config "$config_target" \
+  ${config_flags[@]+"${config_flags[@]}"} || exit 1
+
+if [[ "$dry_run" == 1 ]]; then
+  printf '%q' "${command[0]}"
+  printf ' %q' "${command[@]:1}"
+  printf '\n'
+  exit 0
+fi
+exec "${command[@]}"
