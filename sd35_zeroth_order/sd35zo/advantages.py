@@ -10,7 +10,8 @@ A = (r − mean_g) / (std_g + 1e-4) (population std). Which rows form a group is
     branch, "batch"      one label for every row          plain z-score over the epoch
 
 With "seed" grouping a branch's advantage measures only what its own SDE noise did at that step — the
-single-step zeroth-order estimate RSM's matching loss is built on (paper §4).
+single-step zeroth-order estimate RSM's matching loss is built on (paper spec §4.2-4.4: branching,
+stochasticity localisation).
 """
 from __future__ import annotations
 

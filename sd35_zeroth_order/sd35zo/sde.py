@@ -2,7 +2,7 @@
 
 Rectified flow: x_σ = (1 − σ)·x_data + σ·ε, the transformer predicts the velocity v = ε − x_data, and the
 deterministic sampler is the Euler step x' = x − h·v with h = σ − σ' > 0. Flow-GRPO (Liu et al. 2025,
-arXiv 2505.05470, eq. 9-12) replaces it by an Euler–Maruyama step of the reverse SDE whose marginals match
+arXiv 2505.05470) replaces it by an Euler–Maruyama step of the reverse SDE whose marginals match
 the ODE, which gives every transition a Gaussian density N(x'; μ, σ_t² I) — the policy whose log-probability
 GRPO and RSM train. Conventions (spec sd35_zeroth_order.md §3.2-3.3):
 
@@ -32,6 +32,7 @@ __all__ = [
     "noise_scale",
     "sde_mean",
     "SDEStep",
+    "gaussian_logprob_mean",
     "sde_step_with_logprob",
     "ode_step",
     "normalize_exploration_schedule",
@@ -49,7 +50,7 @@ ScalarOrTensor = Union[float, torch.Tensor]
 # ----------------------------------------------------------------------------------------------------------
 
 def _shift(u, shift: float):
-    """SD3 time shift σ = s·u / (1 + (s − 1)·u) (Esser et al. 2024, eq. 23)."""
+    """SD3 timestep shift σ = s·u / (1 + (s − 1)·u) (Esser et al. 2024, resolution-dependent shifting)."""
     return shift * u / (1 + (shift - 1) * u)
 
 
