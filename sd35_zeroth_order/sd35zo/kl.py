@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .ppo_loss import _mean_d
+from .ppo_loss import mean_d
 
 
 def kl_denominator(h: Tensor, sigma_tilde: Tensor, heuristic: bool = False) -> Tensor:
@@ -33,7 +33,7 @@ def sde_kl_rows(
 
     The trainer multiplies by the same row weights (mask, k̄/k) as the policy rows.
     """
-    return _mean_d((mean - mean_ref) ** 2) / (2 * kl_denominator(h, sigma_tilde, heuristic))
+    return mean_d((mean - mean_ref) ** 2) / (2 * kl_denominator(h, sigma_tilde, heuristic))
 
 
 def anchor_kl(

@@ -54,8 +54,8 @@ class RowDiagnostics:
                 "clipfrac_gt_one": mean(self.clipped_gt), "clipfrac_lt_one": mean(self.clipped_lt)}
 
 
-def _mean_d(x: Tensor) -> Tensor:
-    """Mean over every non-row dimension, accumulated in at least fp32. [rows, ...] -> [rows]"""
+def mean_d(x: Tensor) -> Tensor:
+    """The spec's mean_d: mean over every non-row dimension, accumulated in at least fp32. [rows,...] -> [rows]"""
     return x.flatten(1).mean(dim=1, dtype=torch.promote_types(x.dtype, torch.float32))
 
 
@@ -81,7 +81,7 @@ def ppo_row_loss(
         if mean is None or old_mean is None:
             raise ValueError(f"train.reweight_type={reweight!r} needs mean and old_mean (μ_θ, μ_old)")
         # b equals the quadratic part of -Δℓ, so Δℓ + b keeps only the term linear in μ_θ - μ_old.
-        delta = delta + _mean_d((mean - old_mean) ** 2) / (2 * (sigma_tilde**2 * h))
+        delta = delta + mean_d((mean - old_mean) ** 2) / (2 * (sigma_tilde**2 * h))
     log_ratio = scales.ppo_ratio * delta
     ratio = log_ratio.exp()
     unclipped = -advantages * ratio

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .ppo_loss import DEFAULT_CLIP_RANGE, RowDiagnostics, _mean_d
+from .ppo_loss import DEFAULT_CLIP_RANGE, RowDiagnostics, mean_d
 from .weighting import get_reweight
 
 
@@ -37,8 +37,8 @@ def matching_row_loss(
     scales = get_reweight(reweight)(sigma, h, sigma_tilde)
     w = scales.w.to(v.dtype).view(-1, *([1] * (v.dim() - 1)))   # [rows,1,1,1]
     weighted = w * (v - v_old)                                   # [rows,C,H,W]
-    m1 = 0.5 * _mean_d(weighted**2)                              # [rows]
-    m2 = _mean_d(weighted * noise)                               # [rows]
+    m1 = 0.5 * mean_d(weighted**2)                               # [rows]
+    m2 = mean_d(weighted * noise)                                # [rows]
     m = scales.match * (m2 if scales.cancel_quadratic else m1 + m2)
     margin = clip_range * advantages.abs() + advantages * m
     loss = margin.clamp(min=0) * scales.match_post

@@ -23,6 +23,12 @@ def _steps(rows):
     return dict(sigma=rows["sigma"], h=rows["h"], sigma_tilde=rows["sigma_tilde"])
 
 
+def _w_base(rows):
+    """(√h/σ̃)·(1 + σ̃²(1-σ)/(2σ)), spec §4.1. [rows]"""
+    sigma, h, st = rows["sigma"], rows["h"], rows["sigma_tilde"]
+    return (h.sqrt() / st) * (1 + (1 - sigma) / (2 * sigma) * st**2)
+
+
 def test_base_matching_term_is_minus_the_gaussian_log_ratio_at_every_step():
     # Invariant 8: m1 + m2 = -(log p_θ(x') - log p_old(x')) for random v_θ, v_old, ε.
     model = TinyVelocity()
@@ -53,22 +59,24 @@ def test_grpo_guard_bias_cancels_the_quadratic_term_of_the_log_ratio():
     torch.testing.assert_close(ppo_diag.log_ratio, expected, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(match_diag.log_ratio, expected, rtol=1e-9, atol=1e-12)
     # -m2 alone, from the stored noise: the log-ratio keeps only the term linear in Δv.
-    w = (rows["h"].sqrt() / rows["sigma_tilde"]) * (1 + (1 - rows["sigma"]) / (2 * rows["sigma"]) * rows["sigma_tilde"] ** 2)
-    m2 = (col(w) * (v - rows["v_old"]) * rows["noise"]).flatten(1).mean(1)
+    m2 = (col(_w_base(rows)) * (v - rows["v_old"]) * rows["noise"]).flatten(1).mean(1)
     torch.testing.assert_close(expected, (-m2 * sigma_t).detach(), rtol=1e-9, atol=1e-12)
 
 
 def test_matching_loss_is_an_advantage_weighted_regression_toward_the_shifted_old_velocity():
-    # A·(m1+m2) = (A/2)·mean((wΔ + ε)²) - (A/2)·mean(ε²): same value and gradient as regressing v_θ on v_old - ε/w.
+    # A·(m1+m2) = (A/2)·mean((wΔ + ε)²) - (A/2)·mean(ε²):
+    # same value and gradient as regressing v_θ onto v_old - ε/w with weight A.
     model = TinyVelocity()
     rows = rollout_rows(model, ALL_STEPS)
     perturb(model, 0.05)
     v, _, _ = _current(model, rows)
     adv = torch.linspace(-2.0, 2.0, len(ALL_STEPS), dtype=v.dtype)
-    loss, _ = matching_row_loss(v, rows["v_old"], rows["noise"], adv, **_steps(rows), reweight="base", clip_range=0.0)
-    w = col((rows["h"].sqrt() / rows["sigma_tilde"]) * (1 + (1 - rows["sigma"]) / (2 * rows["sigma"]) * rows["sigma_tilde"] ** 2))
+    loss, _ = matching_row_loss(v, rows["v_old"], rows["noise"], adv, **_steps(rows), reweight="base",
+                                clip_range=0.0)
+    w = col(_w_base(rows))
     target = rows["v_old"] - rows["noise"] / w
-    regression = adv / 2 * ((w * (v - target)) ** 2).flatten(1).mean(1) - adv / 2 * (rows["noise"] ** 2).flatten(1).mean(1)
+    shifted = ((w * (v - target)) ** 2).flatten(1).mean(1)
+    regression = adv / 2 * shifted - adv / 2 * (rows["noise"] ** 2).flatten(1).mean(1)
     active = loss.detach() > 0  # hinge with ε_c = 0 keeps rows with A·m > 0
     assert 0 < active.sum() < len(ALL_STEPS)
     torch.testing.assert_close(loss[active], regression[active], rtol=1e-9, atol=1e-12)
@@ -92,7 +100,8 @@ def test_matching_gradient_equals_ppo_gradient_on_policy(name):
     if name == "base":
         torch.testing.assert_close(ppo.detach(), -adv)
         torch.testing.assert_close(match.detach(), EPS_C * adv.abs())
-        torch.testing.assert_close(grads(match.sum(), model), grads(-(adv * logp).sum(), model), rtol=1e-8, atol=1e-12)
+        policy_gradient = grads(-(adv * logp).sum(), model)
+        torch.testing.assert_close(grads(match.sum(), model), policy_gradient, rtol=1e-8, atol=1e-12)
 
 
 def test_fair_clip2_gradient_equals_grpo_guard_and_fair_clip_equals_base_on_policy():
@@ -130,10 +139,11 @@ def test_hinge_zeroes_exactly_the_rows_past_the_trust_region_and_flags_them(name
          "grpo_guard": (minus_log_r - b) * sigma_t, "fair_clip": sigma_t**2 * minus_log_r,
          "fair_clip2": sigma_t**2 * minus_log_r}
     # pcpo: w = ζh = q·w_base, so m = q²·m1_base + q·m2_base with m1_base = b and m2_base = -log r - b.
-    q = 4.3152134639895925 * h / ((h.sqrt() / st) * (1 + (1 - sigma) / (2 * sigma) * st**2))
+    q = 4.3152134639895925 * h / _w_base(rows)
     m["pcpo_reweight"] = q**2 * b + q * (minus_log_r - b)
     margin = EPS_C * adv.abs() + adv * m[name]
-    loss, diag = matching_row_loss(v, rows["v_old"], rows["noise"], adv, **_steps(rows), reweight=name, clip_range=EPS_C)
+    loss, diag = matching_row_loss(v, rows["v_old"], rows["noise"], adv, **_steps(rows), reweight=name,
+                                   clip_range=EPS_C)
     off = margin < 0
     assert 0 < off.sum() < len(steps) - 4  # a mix of switched-off and active rows
     assert torch.equal(loss.detach() == 0, off | (margin == 0))
