@@ -311,7 +311,9 @@ def main(argv=None):
     from absl import flags
     from ml_collections import config_flags
 
-    argv = sys.argv if argv is None else argv
+    if argv is not None:
+        sys.argv = list(argv)  # config_flags finds the override flags by reading sys.argv when defined
+    argv = sys.argv
     registry = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "config file[:argument]", flag_values=registry,
                                     lock_config=False)
