@@ -168,3 +168,31 @@ def test_half_precision_velocities_accumulate_the_matching_terms_in_float32():
     loss64, diag64 = matching_row_loss(v.detach(), rows["v_old"], rows["noise"], adv.double(), **_steps(rows))
     assert loss16.dtype == torch.float32
     torch.testing.assert_close(diag16.log_ratio.double(), diag64.log_ratio, rtol=2e-2, atol=2e-4)
+
+
+def test_losses_compose_with_the_sde_step_of_sd35zo_sde():
+    # Contract with sde.py: its per-row log p, μ and σ̃ ([rows,1,1,1], flattened here) feed these losses.
+    from sd35zo import sde
+
+    model = TinyVelocity()
+    sigma, h, _ = step_rows(ALL_STEPS)
+    sigma_next = sigma - h
+    x = torch.randn(len(ALL_STEPS), 2, 3, 3, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    with torch.no_grad():
+        v_old = model(x)
+        old = sde.sde_step_with_logprob(v_old, sigma, sigma_next, x, generator=torch.Generator().manual_seed(10),
+                                        sigma_max=sigma[1].item())
+    perturb(model, 0.3)
+    v = model(x)
+    new = sde.sde_step_with_logprob(v, sigma, sigma_next, x, prev_sample=old.prev_sample, sigma_max=sigma[1].item())
+    st = new.tilde_sigma.flatten()
+    steps = dict(sigma=sigma, h=h, sigma_tilde=st)
+    adv = torch.linspace(-1.0, 1.0, len(ALL_STEPS), dtype=v.dtype)
+    loss, diag = matching_row_loss(v, v_old, old.noise, adv, **steps, reweight="base")
+    log_r = (new.log_prob - old.log_prob).detach()
+    torch.testing.assert_close(diag.log_ratio, log_r, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(loss.detach(), (EPS_C * adv.abs() - adv * log_r).clamp(min=0))
+    _, guard_diag = ppo_row_loss(new.log_prob, old.log_prob, adv, **steps, reweight="grpo_guard",
+                                 mean=new.prev_sample_mean, old_mean=old.prev_sample_mean)
+    _, match_guard = matching_row_loss(v, v_old, old.noise, adv, **steps, reweight="grpo_guard")
+    torch.testing.assert_close(guard_diag.log_ratio, match_guard.log_ratio, rtol=1e-9, atol=1e-12)
