@@ -3,8 +3,8 @@
 Every training row is one SDE transition x -> x' at sigma `σ` (= t/1000) with step `h = σ - σ'` and
 noise scale `σ̃` (the SDE step's std is `σ_t = σ̃·√h`). A reweight decides, per row:
 
-* `w`      the weight on the velocity difference Δ = v_θ - v_old inside the matching terms
-           m1 = ½·mean_d((wΔ)²), m2 = mean_d(wΔ·ε). With `w = w_base`, m1 + m2 = -log r exactly.
+* `w`           the weight on the velocity difference Δ = v_θ - v_old inside the matching terms
+                m1 = ½·mean_d((wΔ)²), m2 = mean_d(wΔ·ε). With `w = w_base`, m1 + m2 = -log r exactly.
 * `ppo_ratio`   the factor on the log-ratio in the PPO ratio exp(ppo_ratio·log r); None: PPO has no form.
 * `ppo_post`    the factor on the PPO row loss after clipping.
 * `match`       the factor on the matching term m1 + m2 (on m2 alone when `cancel_quadratic`).
@@ -12,13 +12,13 @@ noise scale `σ̃` (the SDE step's std is `σ_t = σ̃·√h`). A reweight decid
   All reweights place their scales identically in both losses except tempflow: PPO clips the plain
   ratio and scales the loss by 2.25·σ_t afterwards, matching scales m by 2.25·σ_t inside the hinge.
 * `cancel_quadratic`  GRPO-Guard: PPO adds b = mean_d((μ_θ-μ_old)²)/(2σ_t²) to log r, which is exactly
-           m1, so only the linear term -m2 survives; the matching loss drops m1 for the same reason.
+                m1, so only the linear term -m2 survives; the matching loss drops m1 for the same reason.
 
 Velocity-space gradient weight on-policy (what actually pushes v_θ, per element) = match·match_post·w
 (= ppo_ratio·ppo_post·w_base for PPO):
 base w_base, tempflow 2.25·c·h, pcpo ζ·h, guard and fairclip2 c (uniform), fairclip w_base,
 where c = 1 + σ̃²(1-σ)/(2σ) (= 1 + a²/2 away from σ = 1). The clip threshold on log r is
-ε_c/ratio for PPO and ε_c/match for matching: fairclip2 thresholds σ_t²·log r ("fair" across steps).
+≈ ε_c/ppo_ratio for PPO and ε_c/match for matching: fairclip2 thresholds σ_t²·log r ("fair" across steps).
 """
 from __future__ import annotations
 
