@@ -60,8 +60,8 @@ die_usage() {
   exit 1
 }
 
-need_value() {  # <flag> <number of remaining args>
-  [[ "$2" -ge 2 ]] || die_usage "$1 needs a value"
+need_value() {  # <flag> <number of remaining args> <next arg>
+  [[ "$2" -ge 2 && "${3:-}" != --* ]] || die_usage "$1 needs a value"
 }
 
 profile=base sampler=default reward=pickscore loss=ppo reweight=base
@@ -70,16 +70,16 @@ tiny=0 dry_run=0
 trainer_args=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --profile) need_value "$1" $#; profile="$2"; shift 2 ;;
-    --sampler) need_value "$1" $#; sampler="$2"; shift 2 ;;
-    --reward) need_value "$1" $#; reward="$2"; shift 2 ;;
-    --loss) need_value "$1" $#; loss="$2"; shift 2 ;;
-    --reweight) need_value "$1" $#; reweight="$2"; shift 2 ;;
-    --num-processes) need_value "$1" $#; num_processes="$2"; shift 2 ;;
-    --main-process-port) need_value "$1" $#; main_process_port="$2"; shift 2 ;;
-    --accelerate-config) need_value "$1" $#; accelerate_config="$2"; shift 2 ;;
-    --model) need_value "$1" $#; model="$2"; shift 2 ;;
-    --output-dir) need_value "$1" $#; output_dir="$2"; shift 2 ;;
+    --profile) need_value "$1" $# "${2:-}"; profile="$2"; shift 2 ;;
+    --sampler) need_value "$1" $# "${2:-}"; sampler="$2"; shift 2 ;;
+    --reward) need_value "$1" $# "${2:-}"; reward="$2"; shift 2 ;;
+    --loss) need_value "$1" $# "${2:-}"; loss="$2"; shift 2 ;;
+    --reweight) need_value "$1" $# "${2:-}"; reweight="$2"; shift 2 ;;
+    --num-processes) need_value "$1" $# "${2:-}"; num_processes="$2"; shift 2 ;;
+    --main-process-port) need_value "$1" $# "${2:-}"; main_process_port="$2"; shift 2 ;;
+    --accelerate-config) need_value "$1" $# "${2:-}"; accelerate_config="$2"; shift 2 ;;
+    --model) need_value "$1" $# "${2:-}"; model="$2"; shift 2 ;;
+    --output-dir) need_value "$1" $# "${2:-}"; output_dir="$2"; shift 2 ;;
     --tiny) tiny=1; shift ;;
     --dry-run) dry_run=1; shift ;;
     --list)
