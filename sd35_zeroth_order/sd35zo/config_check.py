@@ -175,35 +175,44 @@ class Budget:
 
 
 def working_world_sizes(config, candidates=range(1, 9)):
-    """The world sizes among `candidates` for which `derive_budgets` succeeds."""
+    """The world sizes among `candidates` on which an epoch of `config` splits into whole optimizer steps."""
     ok = []
     for world_size in candidates:
         try:
-            derive_budgets(config, world_size)
+            _split_epoch(config, world_size)
         except ConfigError:
             continue
         ok.append(world_size)
     return ok
 
 
-def _divisors(n):
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def derive_budgets(config, world_size):
     """The epoch arithmetic of spec §1.5 / §4.6 / §4.7 for `world_size` processes. Raises ConfigError when an
     epoch cannot be split into whole optimizer steps (upstream's "no-carry" rule: no microbatch is carried
-    over to the next update or the next epoch).
+    over to the next update or the next epoch); the message lists the world sizes that would work.
 
     Branch trainer: rows = rollouts x B x sum(k_i > 0); microbatches = ceil(rows / (L x T)) (the last one
     padded with masked rows); accumulation = microbatches / train.updates_per_epoch, which must divide.
     Default trainer: rollouts must be even (2 optimizer steps per epoch, each accumulating half the
     rollouts, each rollout contributing one backward pass per trained step).
 
-    The paper run has 5760 rows per epoch globally: 4 processes x 14 microbatches of 108 rows, 7 per
-    optimizer step; on 1 process 54 microbatches, 27 per step. Both take 2 optimizer steps per epoch over
-    the same 2880 rows each (only the padding differs: 72 masked rows on each of 4 processes vs 72 on one).
+    Single-GPU preset: the paper run has 5760 rows per epoch globally: 4 processes x 14 microbatches of 108
+    rows, 7 per optimizer step; on 1 process 54 microbatches, 27 per step. Both take 2 optimizer steps per
+    epoch over the same 2880 rows each (only the padding differs: 72 masked rows on each of 4 processes vs
+    72 on one), so `--num-processes 1` is the same effective batch by accumulation.
     """
+    try:
+        return _split_epoch(config, world_size)
+    except ConfigError as error:
+        works = working_world_sizes(config)
+        raise ConfigError(f"{error}; world sizes that work: {', '.join(map(str, works)) or 'none up to 8'}") from None
+
+
+def _divisors(n):
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _split_epoch(config, world_size):
     rollout = rollout_budget(config, world_size)
     steps = train_steps(config)
     epochs = config.num_epochs * config.train.num_inner_epochs
@@ -212,8 +221,7 @@ def derive_budgets(config, world_size):
         _require(rollouts % DEFAULT_UPDATES_PER_EPOCH == 0,
                  f"sample.num_batches_per_epoch={rollouts} (= {rollout.images_per_epoch} images / "
                  f"({rollout.images_per_rollout} sample.train_batch_size x {world_size} processes)) must be even "
-                 f"for the default trainer's 2 updates per epoch; world sizes that work: "
-                 f"{_list(working_world_sizes_default(config))}")
+                 f"for the default trainer's 2 updates per epoch")
         micro = rollouts * steps  # one backward pass per (rollout, trained step)
         return Budget(world_size, rollouts, rollout.images_per_rollout, rollout.images_per_epoch, steps,
                       rows_per_epoch=rollouts * rollout.images_per_rollout * steps, anchor_rows_per_epoch=0,
@@ -223,52 +231,22 @@ def derive_budgets(config, world_size):
                       optimizer_steps_total=DEFAULT_UPDATES_PER_EPOCH * epochs)
 
     schedule = training_schedule(config)
-    per_trajectory = sum(schedule)  # zero entries add no branch rows
-    zero_steps = sum(1 for k in schedule if k == 0)
     rollouts, batch = rollout.rollouts_per_epoch, rollout.images_per_rollout
-    rows = rollouts * batch * per_trajectory
-    anchors = rollouts * batch * zero_steps if config.train.use_ode_kl_anchor else 0
+    # a step with k > 0 adds k branch rows per trajectory; a step with k = 0 adds none, and with
+    # use_ode_kl_anchor one KL-anchor row on the ODE backbone instead
+    rows = rollouts * batch * sum(schedule)
+    anchors = rollouts * batch * schedule.count(0) if config.train.use_ode_kl_anchor else 0
     unit = config.latent_chunk_size * steps
     micro = math.ceil(rows / unit)
     updates = config.train.updates_per_epoch
-    if micro % updates:
-        raise ConfigError(
-            f"train.updates_per_epoch={updates} must divide the {micro} microbatches per epoch (ceil({rows} rows / "
-            f"{unit} = latent_chunk_size x T)) on {world_size} processes; allowed train.updates_per_epoch: "
-            f"{_list(_divisors(micro))}; world sizes that work: {_list(working_world_sizes_branch(config))}")
+    _require(micro % updates == 0,
+             f"train.updates_per_epoch={updates} must divide the {micro} microbatches per epoch (ceil({rows} rows / "
+             f"{unit} = latent_chunk_size x T)) on {world_size} processes; allowed train.updates_per_epoch: "
+             f"{', '.join(map(str, _divisors(micro)))}")
     return Budget(world_size, rollouts, batch, rollout.images_per_epoch, steps, rows_per_epoch=rows,
                   anchor_rows_per_epoch=anchors, microbatch_rows=unit, microbatches_per_epoch=micro,
                   padding_rows=micro * unit - rows, gradient_accumulation=micro // updates,
                   updates_per_epoch=updates, optimizer_steps_total=updates * epochs)
-
-
-def _list(values):
-    return ", ".join(map(str, values)) if values else "none up to 8"
-
-
-def _branch_ok(config, world_size):
-    try:
-        rollout = rollout_budget(config, world_size)
-    except ConfigError:
-        return False
-    rows = rollout.rollouts_per_epoch * rollout.images_per_rollout * sum(training_schedule(config))
-    return math.ceil(rows / (config.latent_chunk_size * train_steps(config))) % config.train.updates_per_epoch == 0
-
-
-def working_world_sizes_branch(config, candidates=range(1, 9)):
-    return [w for w in candidates if _branch_ok(config, w)]
-
-
-def working_world_sizes_default(config, candidates=range(1, 9)):
-    ok = []
-    for world_size in candidates:
-        try:
-            rollouts = rollout_budget(config, world_size).rollouts_per_epoch
-        except ConfigError:
-            continue
-        if rollouts % DEFAULT_UPDATES_PER_EPOCH == 0:
-            ok.append(world_size)
-    return ok
 
 
 def write_derived_keys(config, world_size):
