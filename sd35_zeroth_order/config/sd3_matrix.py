@@ -8,6 +8,10 @@ Build order (spec §2.2): base defaults -> SD3 block -> sampler block -> reward 
 save_dir. Baseline and ours differ only in the keys the paper changes; `python config/sd3_matrix.py diff
 <id> <id>` prints them. Values are validated here, at load, by `sd35zo.config_check`; the budget split
 for the actual number of processes is checked by `config_check.finalize` after overrides.
+
+Budgets: a reward preset fixes the global images per epoch; rollouts, microbatches and accumulation per
+process follow from the real world size (WORLD_SIZE, set by accelerate), so one GPU runs the paper's
+4-GPU recipe with the same rows per optimizer step by accumulating 27 microbatches instead of 7.
 """
 import importlib.util
 import os
@@ -22,9 +26,9 @@ from sd35zo import config_check  # noqa: E402
 
 def _load_sibling(name):
     spec = importlib.util.spec_from_file_location(f"sd35_config_{name}", os.path.join(ROOT, "config", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    return loaded
 
 
 base = _load_sibling("base")
@@ -32,26 +36,19 @@ presets = _load_sibling("sd3_reward_presets")
 
 # exploration_k per profile: branches per step, 10 entries for the 10 sampling steps; the last entry has
 # no transition after it and is dropped by the trainer (spec §2.3, values from upstream sd3_matrix.py).
-PROFILES = {
-    "base": [6] * 10,
-    "highsnr": [3, 3, 4, 5, 6, 7, 7, 8, 11, 6],
-    "highsnr2": [4, 5, 5, 6, 7, 8, 9, 10, 0, 6],
-    "base2": [7, 7, 7, 7, 7, 7, 6, 6, 0, 6],
-    "lowsnr": [6, 6, 8, 10, 11, 13, 0, 0, 0, 6],
-    "lowsnr2": [6, 6, 8, 10, 0, 0, 0, 0, 0, 6],  # the paper: branch only at the 4 noisiest steps
-}
+#            step: 0   1   2   3   4   5   6   7   8   9
+PROFILES = {"base":     [6,  6,  6,  6,  6,  6,  6,  6,  6,  6],   # uniform, sum 54
+            "highsnr":  [3,  3,  4,  5,  6,  7,  7,  8, 11,  6],   # more branches late (high SNR)
+            "highsnr2": [4,  5,  5,  6,  7,  8,  9, 10,  0,  6],
+            "base2":    [7,  7,  7,  7,  7,  7,  6,  6,  0,  6],
+            "lowsnr":   [6,  6,  8, 10, 11, 13,  0,  0,  0,  6],   # more branches early (low SNR)
+            "lowsnr2":  [6,  6,  8, 10,  0,  0,  0,  0,  0,  6]}   # the paper: only the 4 noisiest steps, sum 30
 SAMPLERS = ("default", "branch")
 REWARDS = presets.REWARDS
 LOSSES = ("ppo", "matching")
-# CLI spelling -> train.reweight_type (spec §2.6)
-REWEIGHTS = {
-    "base": "base",
-    "tempflow": "tempflow_reweight",
-    "pcpo": "pcpo_reweight",
-    "guard": "grpo_guard",
-    "fairclip": "fair_clip",
-    "fairclip2": "fair_clip2",
-}
+# --reweight spelling -> train.reweight_type (spec §2.6)
+REWEIGHTS = dict(base="base", tempflow="tempflow_reweight", pcpo="pcpo_reweight", guard="grpo_guard",
+                 fairclip="fair_clip", fairclip2="fair_clip2")
 FIELDS = (("profile", tuple(PROFILES)), ("sampler", SAMPLERS), ("reward", REWARDS), ("loss", LOSSES),
           ("reweight", tuple(REWEIGHTS)))
 TINY_PREFIX = "tiny:"
@@ -81,54 +78,49 @@ def list_config_ids():
     return ["sd3." + ".".join(parts) for parts in ids]
 
 
-def _sd3_block(config):
-    """Step 2: SD3.5-Medium at 512 px, 10 sampling steps, LoRA + EMA (upstream sd3_matrix common block)."""
-    config.pretrained.model = "stabilityai/stable-diffusion-3.5-medium"
-    config.dataset = os.path.join(ROOT, "dataset", "pickscore")
-    config.use_lora = True
-    config.resolution = 512
-    config.activation_checkpointing = True
-    config.sample.batch_size = 8  # unused
-    config.sample.num_batches_per_epoch = 4
-    config.sample.num_steps = 10
-    config.sample.eval_num_steps = 40
-    config.sample.guidance_scale = 4.5
-    config.sample.group_strategy = "prompt"
-    config.train.batch_size = 4
-    config.train.gradient_accumulation_steps = 2
-    config.train.heuristic_kldenom_trick = True
-    config.train.ema = True
-    config.save_freq = 50
-    config.eval_freq = 50
-    config.num_epochs = 301
-    config.prompt_fn = "general_ocr"
-    config.reward_fn = {"pickscore": 1.0}
-    config.per_prompt_stat_tracking = True
+# Step 2: SD3.5-Medium at 512 px, 10 sampling steps, LoRA + EMA (upstream sd3_matrix's common block).
+SD3_COMMON = {
+    "pretrained.model": "stabilityai/stable-diffusion-3.5-medium",
+    "dataset": os.path.join(ROOT, "dataset", "pickscore"),  # every reward preset replaces it
+    "use_lora": True, "resolution": 512, "activation_checkpointing": True,
+    "sample.num_steps": 10, "sample.eval_num_steps": 40, "sample.guidance_scale": 4.5,
+    "sample.batch_size": 8,  # unused
+    "sample.num_batches_per_epoch": 4, "sample.group_strategy": "prompt",
+    "train.batch_size": 4, "train.gradient_accumulation_steps": 2, "train.heuristic_kldenom_trick": True,
+    "train.ema": True, "save_freq": 50, "eval_freq": 50, "num_epochs": 301,
+    "prompt_fn": "general_ocr", "reward_fn": {"pickscore": 1.0}, "per_prompt_stat_tracking": True,
+}
+# Step 3 (spec §2.4). Both samplers train T = int(10 x 0.99) = 9 of the 10 transitions, one inner epoch.
+SAMPLER_COMMON = {"sample.test_batch_size": 16, "train.num_inner_epochs": 1, "train.timestep_fraction": 0.99}
+SAMPLER_BLOCKS = {
+    # Flow-GRPO: whole SDE trajectories, 32 images per rollout per process, batch-std advantages
+    "default": {"sample.sampling_mode": "default", "sample.train_batch_size": 32, "train.batch_size": 32,
+                "sample.global_std": True, "sample.same_latent": False},
+    # ODE backbone with k_i one-step SDE branches at step i, B = 4 initial noises per rollout, the
+    # transformer sees L = 12 branch rows per call, a microbatch is L x T rows, 2 optimizer steps per epoch
+    "branch": {"sample.sampling_mode": "sde_branching", "sample.global_std": False,
+               "sample.collection_batch_size": 4, "latent_chunk_size": 12, "train.batch_size": 12,
+               "train.updates_per_epoch": 2,
+               "sample.branch_batch_size": 12},  # unused
+}
+
+
+def _assign(config, values):
+    """Set dotted keys (`"sample.num_steps"`) on a ConfigDict, creating leaf keys that do not exist yet."""
+    for dotted, value in values.items():
+        *parents, leaf = dotted.split(".")
+        node = config
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
 
 
 def _sampler_block(config, sampler, profile):
-    """Step 3 (spec §2.4)."""
-    config.sample.test_batch_size = 16
-    config.train.num_inner_epochs = 1
-    config.train.timestep_fraction = 0.99  # T = int(10 * 0.99) = 9 of the 10 transitions are trained
-    if sampler == "default":
-        # Flow-GRPO: whole SDE trajectories, 32 images per rollout per process
-        config.sample.sampling_mode = "default"
-        config.sample.train_batch_size = 32
-        config.train.batch_size = 32
-        config.sample.global_std = True
-        config.sample.same_latent = False
-        return
-    # branch: ODE backbone with k_i one-step SDE branches at step i
-    config.sample.sampling_mode = "sde_branching"
-    del config.sample["train_batch_size"]  # the branch trainer has no such batch; a stale value would mislead
-    config.sample.global_std = False
-    config.sample.exploration_k = list(PROFILES[profile])
-    config.sample.collection_batch_size = 4  # B: initial noises per rollout per process
-    config.sample.branch_batch_size = 12     # unused
-    config.latent_chunk_size = 12            # L: branch rows per transformer call; microbatch = L * T rows
-    config.train.batch_size = 12
-    config.train.updates_per_epoch = 2
+    _assign(config, SAMPLER_COMMON)
+    _assign(config, SAMPLER_BLOCKS[sampler])
+    if sampler == "branch":
+        config.sample.exploration_k = list(PROFILES[profile])
+        del config.sample["train_batch_size"]  # the branch trainer has no such batch; a stale value would mislead
 
 
 def world_size_at_load(config):
@@ -155,7 +147,7 @@ def _check_and_derive(config, world_size):
 
 def _assemble(profile, sampler, reward, loss, reweight):
     config = base.get_config()
-    _sd3_block(config)
+    _assign(config, SD3_COMMON)
     _sampler_block(config, sampler, profile)
     presets.apply_reward_preset(config, reward, sampler, ROOT)
     config.train.loss_type = loss
