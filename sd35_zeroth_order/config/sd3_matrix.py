@@ -105,6 +105,10 @@ SAMPLER_BLOCKS = {
 }
 
 
+_SAMPLER_KEYS = {key.split(".")[-1] for block in SAMPLER_BLOCKS.values() for key in block} | {"train_batch_size",
+                                                                                            "group_strategy"}
+
+
 def _assign(config, values):
     """Set dotted keys (`"sample.num_steps"`) on a ConfigDict, creating leaf keys that do not exist yet."""
     for dotted, value in values.items():
@@ -202,6 +206,19 @@ def get_config(name):
     return build_config(**parse_config_id(name))
 
 
+# Why each key that separates the baselines from ours changes (printed by `diff`).
+DESIGN_NOTES = {
+    "sample.exploration_k": "profile: which transitions branch and how often (lowsnr2: k = 6,6,8,10 at the 4 noisiest)",
+    "train.loss_type": "objective: GRPO clipped ratio (ppo) or RSM score matching with a hinge (matching)",
+    "train.reweight_type": "per-timestep trust region / gradient scale",
+    "sample.sampling_mode": "sampler: full SDE trajectories (default) or ODE backbone + one-step branches",
+    "sample.num_image_per_prompt": "sampling budget: noises per prompt (branches add the group size)",
+    "sample.num_batches_per_epoch": "sampling budget: rollouts per epoch per process (derived)",
+    "train.gradient_accumulation_steps": "default trainer: rollouts per optimizer step (derived); unused by branch",
+    "save_dir": "run folder named after the id",
+}
+
+
 def changed_keys(a, b):
     """{key: (value in a, value in b)} for every flattened key whose value differs (or exists in one only)."""
     flat_a, flat_b = _flatten(a.to_dict()), _flatten(b.to_dict())
@@ -229,6 +246,7 @@ if __name__ == "__main__":
         print(get_config(args[0]))
     elif command == "diff":
         for key, (left, right) in changed_keys(get_config(args[0]), get_config(args[1])).items():
-            print(f"{key}: {left!r} -> {right!r}")
+            note = DESIGN_NOTES.get(key) or ("sampler block (spec 2.4)" if key.split(".")[-1] in _SAMPLER_KEYS else "")
+            print(f"{key}: {left!r} -> {right!r}" + (f"  # {note}" if note else ""))
     else:
         sys.exit("usage: python config/sd3_matrix.py list | show <id> | diff <id_a> <id_b>")

@@ -401,6 +401,23 @@ def test_baseline_and_ours_differ_only_in_the_papers_design_keys():
     assert diff["sample.num_image_per_prompt"] == (24, 4) and diff["sample.train_batch_size"] == (32, "<absent>")
 
 
+def test_diff_command_prints_each_changed_key_with_its_reason():
+    result = subprocess.run([sys.executable, "config/sd3_matrix.py", "diff", TEMPFLOW_ID, PAPER_ID], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60, env={**os.environ, "WORLD_SIZE": "4"})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["sample.exploration_k", "save_dir", "train.loss_type",
+                                                       "train.reweight_type"]
+    assert lines[2] == "train.loss_type: 'ppo' -> 'matching'  # " + matrix.DESIGN_NOTES["train.loss_type"]
+    assert all("  # " in line for line in lines)
+
+
+def test_schedule_parsing_agrees_with_the_sampler_module():
+    sde = pytest.importorskip("sd35zo.sde")  # config_check keeps its own torch-free copy for the launcher
+    for k in [*matrix.PROFILES.values(), [1, 2, 3, 4, 5, 6, 7, 8, 9], 3]:
+        assert config_check.transition_schedule(k, 10) == sde.normalize_exploration_schedule(k, 10)
+
+
 def test_tiny_config_points_at_the_test_kit_and_runs_on_one_process():
     rsm_testkit = pytest.importorskip("rsm_testkit")
     for sampler in matrix.SAMPLERS:
