@@ -62,29 +62,33 @@ def train_steps(config):
     return int(config.sample.num_steps * config.train.timestep_fraction)
 
 
-def transition_schedule(exploration_k, num_steps):
-    """Branches per transition i -> i+1, i = 0..num_steps-2.
+def normalize_exploration_schedule(exploration_k, num_steps):
+    """Number of SDE branches k_i per transition i = 0..N-2, as a list of length N - 1 (spec §3.5).
 
-    An int gives every transition that many branches. A list of num_steps entries (one per sampling step,
-    upstream's profile format) drops its last entry, which has no transition after it; a list of
-    num_steps - 1 entries is used as is.
+    An int k >= 1 is repeated; a list of N - 1 entries is used as is; a list of N entries (upstream's
+    profile format, one per sampling step) drops its last entry: the step to sigma = 0 has no transition
+    after it to finish a branch by ODE. Torch-free, so the launcher can check a config in a blink.
     """
+    _require(isinstance(num_steps, int) and not isinstance(num_steps, bool) and num_steps >= 2,
+             f"sample.num_steps must be an integer >= 2 so a branch has a transition, got {num_steps!r}")
     if isinstance(exploration_k, int) and not isinstance(exploration_k, bool):
-        schedule = [exploration_k] * (num_steps - 1)
-    else:
-        schedule = list(exploration_k)
-        _require(len(schedule) in (num_steps, num_steps - 1),
-                 f"sample.exploration_k has {len(schedule)} entries; allowed: {num_steps} (one per step, last "
-                 f"dropped) or {num_steps - 1} (one per transition)")
-        schedule = schedule[:num_steps - 1]
-    _require(all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in schedule),
-             f"sample.exploration_k={list(schedule)} must hold non-negative integers")
+        _require(exploration_k >= 1, f"sample.exploration_k as an int must be >= 1, got {exploration_k}")
+        return [exploration_k] * (num_steps - 1)
+    _require(isinstance(exploration_k, (list, tuple)),
+             f"sample.exploration_k must be an int or a list of ints, got {type(exploration_k).__name__}")
+    _require(len(exploration_k) in (num_steps, num_steps - 1),
+             f"sample.exploration_k has {len(exploration_k)} entries; allowed: {num_steps} (one per step, last "
+             f"dropped) or {num_steps - 1} (one per transition) as the list length")
+    schedule = list(exploration_k[:num_steps - 1])
+    for i, k in enumerate(schedule):
+        _require(isinstance(k, int) and not isinstance(k, bool) and k >= 0,
+                 f"sample.exploration_k[{i}] must be a non-negative integer, got {k!r}")
     return schedule
 
 
 def training_schedule(config):
     """The branch counts of the T trained transitions."""
-    return transition_schedule(config.sample.exploration_k, config.sample.num_steps)[:train_steps(config)]
+    return normalize_exploration_schedule(config.sample.exploration_k, config.sample.num_steps)[:train_steps(config)]
 
 
 def validate(config):

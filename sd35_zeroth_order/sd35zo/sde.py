@@ -35,7 +35,6 @@ __all__ = [
     "gaussian_logprob_mean",
     "sde_step_with_logprob",
     "ode_step",
-    "normalize_exploration_schedule",
 ]
 
 # SD3.5-Medium scheduler_config.json: FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0).
@@ -249,37 +248,3 @@ def ode_step(velocity: torch.Tensor, sigma: ScalarOrTensor, sigma_next: ScalarOr
     x = sample.to(dtype)
     h = _per_row(sigma, x) - _per_row(sigma_next, x)  # [B, 1, 1, 1]
     return x - h * velocity.to(dtype)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Branching schedule
-# ----------------------------------------------------------------------------------------------------------
-
-def normalize_exploration_schedule(exploration_k: Union[int, Sequence[int]], num_steps: int) -> list[int]:
-    """Number of SDE branches k_i per transition i = 0..N−2, as a list of length N − 1 (spec §3.5).
-
-    An int k ≥ 1 is repeated; a list of length N − 1 is used as is; a list of length N (the configs' form,
-    one entry per sampling step) drops its last entry — the step to σ = 0 never branches. Entries are
-    integers ≥ 0. The final transition N−1 is never branched because a branch must end in an ODE
-    completion to σ = 0.
-    """
-    if not isinstance(num_steps, Integral) or isinstance(num_steps, bool) or num_steps < 2:
-        raise ValueError(f"sample.num_steps must be an integer >= 2 so a branch has a transition, got {num_steps!r}")
-    transitions = num_steps - 1
-    if isinstance(exploration_k, Integral) and not isinstance(exploration_k, bool):
-        if exploration_k < 1:
-            raise ValueError(f"sample.exploration_k as an int must be >= 1, got {exploration_k}")
-        return [int(exploration_k)] * transitions
-    if not isinstance(exploration_k, (list, tuple)):
-        raise ValueError(f"sample.exploration_k must be an int or a list of ints, got {type(exploration_k).__name__}")
-    if len(exploration_k) == num_steps:
-        values = list(exploration_k[:-1])
-    elif len(exploration_k) == transitions:
-        values = list(exploration_k)
-    else:
-        raise ValueError(f"sample.exploration_k as a list must have length {num_steps} (sample.num_steps) or "
-                         f"{transitions}, got {len(exploration_k)}")
-    for i, k in enumerate(values):
-        if not isinstance(k, Integral) or isinstance(k, bool) or k < 0:
-            raise ValueError(f"sample.exploration_k[{i}] must be an integer >= 0, got {k!r}")
-    return [int(k) for k in values]

@@ -18,7 +18,8 @@ from sd35zo.advantages import (
     seed_id,
     zero_std_ratio,
 )
-from sd35zo.sde import flow_sigmas, normalize_exploration_schedule, timesteps_from_sigmas
+from sd35zo.config_check import normalize_exploration_schedule
+from sd35zo.sde import flow_sigmas, timesteps_from_sigmas
 
 
 def _rewards(n, seed=0):

@@ -244,14 +244,14 @@ def test_profiles_match_spec_table_and_drop_the_last_entry():
     effective_sums = {"base": 54, "highsnr": 54, "highsnr2": 54, "base2": 54, "lowsnr": 54, "lowsnr2": 30}
     for profile, k in matrix.PROFILES.items():
         assert len(k) == 10 and k[-1] == 6
-        schedule = config_check.transition_schedule(k, 10)
+        schedule = config_check.normalize_exploration_schedule(k, 10)
         assert schedule == k[:9] and sum(schedule) == effective_sums[profile]
-    assert config_check.transition_schedule([6, 6, 8, 10, 0, 0, 0, 0, 0], 10) == [6, 6, 8, 10, 0, 0, 0, 0, 0]
-    assert config_check.transition_schedule(3, 10) == [3] * 9
+    assert config_check.normalize_exploration_schedule([6, 6, 8, 10, 0, 0, 0, 0, 0], 10) == [6, 6, 8, 10, 0, 0, 0, 0, 0]
+    assert config_check.normalize_exploration_schedule(3, 10) == [3] * 9
     with pytest.raises(ConfigError, match="has 8 entries; allowed: 10"):
-        config_check.transition_schedule([1] * 8, 10)
+        config_check.normalize_exploration_schedule([1] * 8, 10)
     with pytest.raises(ConfigError, match="non-negative"):
-        config_check.transition_schedule([1, -1] + [1] * 8, 10)
+        config_check.normalize_exploration_schedule([1, -1] + [1] * 8, 10)
 
 
 def test_sampler_blocks_match_spec_section_2_4():
@@ -410,12 +410,6 @@ def test_diff_command_prints_each_changed_key_with_its_reason():
                                                        "train.reweight_type"]
     assert lines[2] == "train.loss_type: 'ppo' -> 'matching'  # " + matrix.DESIGN_NOTES["train.loss_type"]
     assert all("  # " in line for line in lines)
-
-
-def test_schedule_parsing_agrees_with_the_sampler_module():
-    sde = pytest.importorskip("sd35zo.sde")  # config_check keeps its own torch-free copy for the launcher
-    for k in [*matrix.PROFILES.values(), [1, 2, 3, 4, 5, 6, 7, 8, 9], 3]:
-        assert config_check.transition_schedule(k, 10) == sde.normalize_exploration_schedule(k, 10)
 
 
 def test_tiny_config_points_at_the_test_kit_and_runs_on_one_process():

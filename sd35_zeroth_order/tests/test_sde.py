@@ -5,11 +5,11 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from sd35zo.config_check import normalize_exploration_schedule
 from sd35zo.sde import (
     flow_sigmas,
     index_for_timestep,
     noise_scale,
-    normalize_exploration_schedule,
     ode_step,
     sde_mean,
     sde_step_with_logprob,
@@ -275,6 +275,7 @@ def test_noise_scale_matches_flow_grpo_formula_away_from_sigma_one():
 
 
 # ---------------------------------------------------------------- exploration schedule (§9.25)
+
 
 def test_exploration_schedule_drops_the_last_entry_of_a_length_n_list():
     assert normalize_exploration_schedule([6, 6, 8, 10, 0, 0, 0, 0, 0, 3], 10) == [6, 6, 8, 10, 0, 0, 0, 0, 0]
