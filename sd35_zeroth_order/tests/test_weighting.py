@@ -103,3 +103,18 @@ def test_ppo_with_fair_clip2_is_rejected_and_matching_with_fair_clip2_is_accepte
             check_combination("ppo", name)
     with pytest.raises(ValueError, match=r"train\.loss_type must be one of \['ppo', 'matching'\]"):
         check_combination("grpo", "base")
+
+
+def test_the_config_check_accepts_exactly_the_reweights_and_combinations_the_losses_implement():
+    from sd35zo import config_check
+    from sd35zo.weighting import REWEIGHTS, check_combination
+
+    assert set(config_check.REWEIGHT_TYPES) == set(REWEIGHTS)
+    for loss in config_check.LOSS_TYPES:
+        for name in REWEIGHTS:
+            accepted = loss != "ppo" or name in config_check.PPO_REWEIGHT_TYPES
+            if accepted:
+                check_combination(loss, name)
+            else:
+                with pytest.raises(ValueError):
+                    check_combination(loss, name)
