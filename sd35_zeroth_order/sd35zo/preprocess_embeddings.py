@@ -17,6 +17,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 logger = logging.getLogger("sd35zo.preprocess_embeddings")
 
@@ -52,8 +53,10 @@ def main(argv=None) -> int:
     accelerator = Accelerator()  # only for rank, device and barriers; dtype is set explicitly below
     dtype = STORAGE_DTYPES[args.mixed_precision]
     # Only the tokenizers and text encoders are needed; skipping the transformer and VAE saves memory.
-    pipeline = StableDiffusion3Pipeline.from_pretrained(args.pretrained_model, transformer=None, vae=None,
-                                                        torch_dtype=dtype)
+    with warnings.catch_warnings():  # newer diffusers rename torch_dtype to dtype; the old name works everywhere
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        pipeline = StableDiffusion3Pipeline.from_pretrained(args.pretrained_model, transformer=None, vae=None,
+                                                            torch_dtype=dtype)
     for encoder in (pipeline.text_encoder, pipeline.text_encoder_2, pipeline.text_encoder_3):
         encoder.to(accelerator.device).eval().requires_grad_(False)
     os.makedirs(args.output_dir, exist_ok=True)
