@@ -50,7 +50,7 @@ class Config:
     # Estimators.
     log2_n: tuple[int, ...] = (4, 6, 8, 10, 12, 14, 16)  # N = 2^m, m = 4, 6, …, 16 (spec §7.1)
     exact_points: int = 50  # script 1 of the toy uses 50 test points, scripts 2–3 use 100 (spec §7.1)
-    learned_points: int = 6
+    learned_points: int = 4
     learned_max_log2_n: int = 14  # learned rollouts cost ~1000× the exact ones on a CPU
     lookahead_ratios: tuple[float, ...] = (0.9, 0.8, 0.5)  # ρ = t_j/t_i (spec §7.1)
     branch_configs: tuple[tuple[int, int], ...] = ((1, 1), (2, 2), (3, 2), (4, 2), (2, 4))  # (#split, #branch), spec §4.3
@@ -267,7 +267,9 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    fig_all, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4))
+    fig_all, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    axes = axes.ravel()
+    axes[-1].axis("off")  # five panels on a 2×3 grid
     for ax_all, (panel, (xlabel, title)) in zip(axes, PANELS.items()):
         fig, ax = plt.subplots(figsize=(5, 3.6))
         names = list(dict.fromkeys(r["estimator"] for r in rows if r["panel"] == panel))
@@ -286,7 +288,7 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
             target.set_title(title, fontsize=8)
             target.grid(alpha=0.3)
         ax.legend(fontsize=5.5)
-        ax_all.legend(fontsize=4.5)
+        ax_all.legend(fontsize=5)
         fig.tight_layout()
         path = out / f"{panel}.png"
         fig.savefig(path, dpi=150)
