@@ -176,13 +176,15 @@ def test_shards_partition_every_index_once_for_any_world_size():
 
 
 def test_two_ranks_with_a_barrier_write_the_same_file_as_one_process(files, pipe, tmp_path):
-    # Two ranks as threads sharing a barrier, as accelerate processes do; 4 prompts split 2 + 2.
+    # Two ranks as threads sharing a barrier, as accelerate processes do; 4 prompts split 2 + 2. Each rank
+    # has its own pipeline, as each process does (a tokenizer's padding state is not thread-safe).
     barrier = threading.Barrier(2, timeout=60)
     errors = []
+    pipes = [pipe, StableDiffusion3Pipeline.from_pretrained(get_tiny_model("sd35"), transformer=None, vae=None)]
 
     def run(rank):
         try:
-            precompute_split(pipe, files["txt"], str(tmp_path), "train", batch_size=1, dtype=torch.float32,
+            precompute_split(pipes[rank], files["txt"], str(tmp_path), "train", batch_size=1, dtype=torch.float32,
                              rank=rank, world_size=2, barrier=barrier.wait)
         except Exception as err:  # surfaced below
             errors.append(err)

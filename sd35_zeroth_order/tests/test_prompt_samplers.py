@@ -153,7 +153,8 @@ def test_branch_sampler_state_resumes_at_the_next_draw():
 
 
 def test_branch_sampler_rejects_indivisible_budgets_with_key_names():
-    with pytest.raises(ValueError, match="sample.num_image_per_prompt=4 must divide processes x sample.collection_batch_size = 3 x 2"):
+    expected = "sample.num_image_per_prompt=4 must divide processes x sample.collection_batch_size = 3 x 2"
+    with pytest.raises(ValueError, match=expected):
         BranchPromptSampler(N_PROMPTS, 2, 4, num_replicas=3, rank=0)
     with pytest.raises(ValueError, match="needs 40 prompts"):
         BranchPromptSampler(N_PROMPTS, 40, 1)
