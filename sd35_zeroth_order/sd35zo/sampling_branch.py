@@ -13,7 +13,8 @@ forks of the same (sample, step) are caused by that one stochastic transition al
 Pass 2a uses the velocity pass 1 already computed at (x_i, t_i): every branch of a (sample, step) shares x_i,
 so it shares v_i and μ_i and differs only in ε (upstream evaluates the transformer again on repeated rows,
 which gives the same v up to batch-dependent rounding). Noise for all branches of a step is drawn in one call,
-so the result does not depend on how rows are chunked.
+so the result does not depend on how rows are chunked. Images: `sampling.decode_latents(vae,
+rows.row_final_latents, chunk_size=latent_chunk_size)`, one per row, in row order.
 """
 from __future__ import annotations
 
