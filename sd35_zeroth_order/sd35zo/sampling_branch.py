@@ -158,6 +158,8 @@ def sample_branches(velocity: Velocity, latents: torch.Tensor, sigmas: torch.Ten
     ODE step after it and is dropped), normalised by `config_check.normalize_exploration_schedule`.
     latent_chunk_size L = 12 and noise_level a = 0.7 are the upstream branch-config values (spec §2.4, §3.5).
     """
+    if latent_chunk_size < 1:
+        raise ValueError(f"latent_chunk_size must be >= 1, got {latent_chunk_size}")
     num_steps = sigmas.shape[0] - 1
     schedule = normalize_exploration_schedule(exploration_k, num_steps)  # [N-1] k_i per transition i
     if not any(k > 0 for k in schedule):

@@ -193,6 +193,23 @@ def test_padding_rows_are_run_but_never_written_back():
         torch.testing.assert_close(final[r], expected, rtol=1e-12, atol=1e-12)
 
 
+def test_chunk_size_below_one_is_rejected():
+    with pytest.raises(ValueError, match="latent_chunk_size"):
+        run(chunk=0)
+
+
+def test_half_precision_velocity_is_stored_as_is_while_branch_samples_and_log_probs_are_fp32():
+    # Upstream stores v_old in the embedding dtype (fp16) and x', log p, μ, ε in fp32 (spec §3.5 table).
+    velocity = toy_velocity()
+    half = lambda x, t, rows: velocity(x.double(), t.double(), rows).half()
+    out = sample_branches(half, x0().float(), flow_sigmas(4), [1, 0, 2], latent_chunk_size=2,
+                          generator=torch.Generator().manual_seed(0), collect_matching_aux=True)
+    assert out.row_noise_preds.dtype == torch.float16
+    for name in ("row_next_latents", "row_log_probs", "row_prev_sample_mean", "row_noises"):
+        assert getattr(out, name).dtype == torch.float32, name
+    assert out.row_latents.dtype == out.row_final_latents.dtype == torch.float32  # the x_0 dtype
+
+
 # ---------------------------------------------------------------- §9.23 pass-2b accounting
 
 def test_ode_completion_accounting_matches_the_lowsnr2_numbers(lowsnr2):
