@@ -2,7 +2,7 @@
 
     python -m toy_experiments.run              # full run (see README for its size and time)
     python -m toy_experiments.run --quick      # seconds; what CI runs
-    python -m toy_experiments.run --out DIR --cache-dir DIR --threads 2
+    python -m toy_experiments.run --out DIR --cache-dir DIR --threads 1
 
 Writes to --out: one PNG per panel, figure2.png (all panels), results.csv, results.md, run.json.
 
@@ -362,14 +362,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, default=Path("outputs/toy_experiments"))
     ap.add_argument("--cache-dir", type=Path, default=None,
                     help="checkpoint cache (default $RSM_TOY_CACHE or ~/.cache/rsm_toy_experiments)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    # One thread by default: on this project's shared 2-core machines two torch threads ran 2-8x slower than one
+    # (measured, training and rollouts) whenever another job held a core; on idle cores try --threads 2.
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     ap.add_argument("--exact-points", type=int, default=None)
     ap.add_argument("--learned-points", type=int, default=None)
     ap.add_argument("--learned-max-log2-n", type=int, default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     cfg = Config.quick() if args.quick else Config()
     for key in ("exact_points", "learned_points", "learned_max_log2_n"):
         if getattr(args, key) is not None:
