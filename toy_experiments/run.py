@@ -375,6 +375,9 @@ def main(argv: list[str] | None = None) -> dict:
     for key in ("exact_points", "learned_points", "learned_max_log2_n"):
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
+    for key in ("exact_points", "learned_points"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"{key}={getattr(cfg, key)} must be >= 1")
     if cfg.learned_max_log2_n < min(cfg.log2_n):
         raise ValueError(f"learned_max_log2_n={cfg.learned_max_log2_n} must be >= the smallest log2_n {min(cfg.log2_n)}")
     cache = args.cache_dir or Path(os.environ.get("RSM_TOY_CACHE", Path.home() / ".cache" / "rsm_toy_experiments"))
