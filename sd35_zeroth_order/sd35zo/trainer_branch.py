@@ -121,7 +121,7 @@ def setup(config, accelerator) -> Run:
         raise config_check.ConfigError("sample.sampling_mode must be 'sde_branching' for train_sd3_pr.py "
                                        "(use scripts/train_sd3.py for the default sampler)")
     device = accelerator.device
-    torch.manual_seed(config.seed + accelerator.process_index)  # LoRA init draws; same on resume
+    torch.manual_seed(config.seed)  # the LoRA init draws: identical on every rank (nothing broadcasts them)
     if config.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -200,6 +200,20 @@ class MetricLogger:
 
 # ------------------------------------------------------------------------------------------------ phases
 
+def policy_velocity(run: Run, embeds: torch.Tensor, pooled: torch.Tensor):
+    """The guided velocity of the current policy for these prompts, under the Accelerator's autocast (fp16 on
+    the paper's GPUs, a no-op in fp32). Embeddings are taken in fp32, so v_old is stored in fp32 and Δ is
+    exactly 0 on-policy (upstream stored fp16, spec §7.2)."""
+    velocity = make_cfg_velocity(run.transformer, embeds.float(), pooled.float(), run.negative[0].float(),
+                                 run.negative[1].float(), run.config.sample.guidance_scale)
+
+    def autocast_velocity(x, t, rows):
+        with run.accelerator.autocast():
+            return velocity(x, t, rows).float()
+
+    return autocast_velocity
+
+
 def _collate(dataset, indices):
     return dataset.collate_fn([dataset[i] for i in indices])
 
@@ -221,7 +235,7 @@ def sample_epoch(run: Run, epoch: int) -> dict:
         run.sampler.set_counter(counter + 1)
         embeds = batch["prompt_embeds"].to(device)  # [B, S, D]
         pooled = batch["pooled_prompt_embeds"].to(device)  # [B, Dp]
-        velocity = make_cfg_velocity(run.transformer, embeds, pooled, *run.negative, config.sample.guidance_scale)
+        velocity = policy_velocity(run, embeds, pooled)
         gen = _generator(config.seed, rank, epoch, b)
         x0 = initial_latents(embeds.shape[0], config.resolution, generator=gen).to(device)  # [B, C, h, w]
         rows = sample_branches(velocity, x0, run.sigmas, list(config.sample.exploration_k),
@@ -248,21 +262,25 @@ def sample_epoch(run: Run, epoch: int) -> dict:
     return {"rollouts": rollouts, "scores": scores, "meta": row_meta, "stats": stats}
 
 
-def build_rows(run: Run, sampled: dict) -> tuple[dict, dict]:
-    """Flatten the rollouts into one table of training rows (and one of KL-anchor rows)."""
-    table, anchors = {}, {}
+def build_rows(run: Run, sampled: dict) -> tuple[dict, dict, dict]:
+    """Flatten the rollouts into one table of training rows, one of KL-anchor rows, and the prompt
+    embeddings of the epoch's samples (`prompt_embeds` [S, ...], `pooled` [S, ...]); rows refer to their
+    sample by `sample` (an index into those), so an embedding is stored once, not once per branch."""
+    table, anchors, prompts = {}, {}, {}
 
     def put(store, key, value):
         store.setdefault(key, []).append(value)
 
+    offset = 0
     for rows, embeds, pooled in sampled["rollouts"]:
+        put(prompts, "prompt_embeds", embeds)
+        put(prompts, "pooled", pooled)
         put(table, "latents", rows.row_latents)
         put(table, "next_latents", rows.row_next_latents)
         put(table, "log_probs", rows.row_log_probs)
         put(table, "timesteps", rows.row_timesteps)
         put(table, "k", rows.row_exploration_k)
-        put(table, "prompt_embeds", embeds[rows.row_sample_idx])
-        put(table, "pooled", pooled[rows.row_sample_idx])
+        put(table, "sample", rows.row_sample_idx + offset)
         for key, value in (("mean_old", rows.row_prev_sample_mean), ("noises", rows.row_noises),
                            ("v_old", rows.row_noise_preds)):
             if value is not None:
@@ -270,9 +288,10 @@ def build_rows(run: Run, sampled: dict) -> tuple[dict, dict]:
         if rows.kl_row_latents.shape[0]:
             put(anchors, "latents", rows.kl_row_latents)
             put(anchors, "timesteps", rows.kl_row_timesteps)
-            put(anchors, "prompt_embeds", embeds[rows.kl_row_sample_idx])
-            put(anchors, "pooled", pooled[rows.kl_row_sample_idx])
-    return ({k: torch.cat(v) for k, v in table.items()}, {k: torch.cat(v) for k, v in anchors.items()})
+            put(anchors, "sample", rows.kl_row_sample_idx + offset)
+        offset += embeds.shape[0]
+    cat = lambda store: {k: torch.cat(v) for k, v in store.items()}  # noqa: E731
+    return cat(table), cat(anchors), cat(prompts)
 
 
 def compute_advantages(run: Run, sampled: dict, epoch: int) -> tuple[torch.Tensor, dict]:
@@ -314,7 +333,7 @@ def pad_to_microbatches(run: Run, num_rows: int, advantages: torch.Tensor):
     return index, mask
 
 
-def microbatch_loss(run: Run, table: dict, anchors: dict, idx: torch.Tensor, anchor_idx: torch.Tensor,
+def microbatch_loss(run: Run, table: dict, anchors: dict, prompts: dict, idx: torch.Tensor, anchor_idx: torch.Tensor,
                     adv: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor):
     """Policy + beta·(SDE KL + anchor KL) of one microbatch: rows `idx` `[U]` of `table` with their
     advantage, mask and exploration weight `[U]` each (spec §4.2-4.4, §4.6)."""
@@ -326,10 +345,10 @@ def microbatch_loss(run: Run, table: dict, anchors: dict, idx: torch.Tensor, anc
     h = sigma - sigma_next
     rows = torch.arange(idx.shape[0], device=device)
 
-    def velocity_fn(embeds, pooled):
-        return make_cfg_velocity(run.transformer, embeds, pooled, *run.negative, config.sample.guidance_scale)
+    def velocity_fn(samples):  # the policy's velocity for rows of these samples' prompts
+        return policy_velocity(run, prompts["prompt_embeds"][samples], prompts["pooled"][samples])
 
-    v = velocity_fn(get("prompt_embeds"), get("pooled"))(x, t, rows)  # [U, C, h, w] with grad
+    v = velocity_fn(get("sample"))(x, t, rows)  # [U, C, h, w] with grad
     mean, tilde = sde_mean(v, x, sigma, sigma_next, noise_level, sigma_max)
     tilde = tilde.reshape(-1)  # [U]
     adv = adv.to(device)
@@ -355,7 +374,7 @@ def microbatch_loss(run: Run, table: dict, anchors: dict, idx: torch.Tensor, anc
         stats[f"clipfrac_timestep_{int(step_t)}"] = ((diag.clipped.to(m.dtype) * at).sum() / at.sum().clamp(min=1)).item()
     if config.train.beta > 0:
         heuristic = config.train.heuristic_kldenom_trick
-        mean_ref = _reference_mean(run, velocity_fn(get("prompt_embeds"), get("pooled")), x, t, rows, sigma,
+        mean_ref = _reference_mean(run, velocity_fn(get("sample")), x, t, rows, sigma,
                                    sigma_next)
         kl_sde = (sde_kl_rows(mean, mean_ref, h=h, sigma_tilde=tilde, heuristic=heuristic) * w).sum() / count
         kl_total = kl_sde
@@ -364,7 +383,7 @@ def microbatch_loss(run: Run, table: dict, anchors: dict, idx: torch.Tensor, anc
             ax, at_ = anchors["latents"][anchor_idx], anchors["timesteps"][anchor_idx]
             a_sigma, a_next = step_sigmas(run.sigmas, at_)
             a_rows = torch.arange(anchor_idx.shape[0], device=device)
-            a_vel = velocity_fn(anchors["prompt_embeds"][anchor_idx], anchors["pooled"][anchor_idx])
+            a_vel = velocity_fn(anchors["sample"][anchor_idx])
             a_mean, a_tilde = sde_mean(a_vel(ax, at_, a_rows), ax, a_sigma, a_next, noise_level, sigma_max)
             a_ref = _reference_mean(run, a_vel, ax, at_, a_rows, a_sigma, a_next)
             kl_anchor = anchor_kl(a_mean, a_ref, h=a_sigma - a_next, sigma_tilde=a_tilde.reshape(-1),
@@ -400,7 +419,7 @@ def _sync_gradients(run: Run) -> None:
         p.grad /= run.accelerator.num_processes
 
 
-def update(run: Run, table: dict, anchors: dict, advantages: torch.Tensor, epoch: int) -> None:
+def update(run: Run, table: dict, anchors: dict, prompts: dict, advantages: torch.Tensor, epoch: int) -> None:
     """Phase 4: `num_inner_epochs` passes over shuffled microbatches; exactly `updates_per_epoch` optimizer
     steps per pass, each accumulating `gradient_accumulation` microbatches (spec §4.6)."""
     config, budget = run.config, run.budget
@@ -423,7 +442,7 @@ def update(run: Run, table: dict, anchors: dict, advantages: torch.Tensor, epoch
         steps_before, window = run.global_step, []
         for j in range(budget.microbatches_per_epoch):
             pos = order[j * unit:(j + 1) * unit]
-            loss, stats = microbatch_loss(run, table, anchors, index[pos], anchor_chunks[j], adv[pos], mask[pos],
+            loss, stats = microbatch_loss(run, table, anchors, prompts, index[pos], anchor_chunks[j], adv[pos], mask[pos],
                                           weight[pos])
             (loss / accum).backward()
             window.append(stats)
@@ -474,8 +493,7 @@ def evaluate(run: Run, epoch: int) -> dict:
             indices = mine[start:start + config.sample.test_batch_size]
             batch = _collate(run.test_set, indices)
             embeds = batch["prompt_embeds"].to(acc.device)
-            velocity = make_cfg_velocity(run.transformer, embeds, batch["pooled_prompt_embeds"].to(acc.device),
-                                         *run.negative, config.sample.guidance_scale)
+            velocity = policy_velocity(run, embeds, batch["pooled_prompt_embeds"].to(acc.device))
             gen = _generator(config.seed, 1_000_000 + indices[0])  # the same noise for a prompt at every eval
             x0 = initial_latents(len(indices), config.resolution, generator=gen).to(acc.device)
             images = decode_latents(run.vae, sample_ode(velocity, x0, sigmas), chunk_size=config.latent_chunk_size)
@@ -504,6 +522,7 @@ def save_checkpoint(run: Run, epoch: int) -> str:
     from peft.utils import get_peft_model_state_dict
 
     path = os.path.join(run.run_dir, "checkpoints", f"checkpoint-{epoch}")
+    _check_replicas_agree(run)
     if run.accelerator.is_main_process:
         os.makedirs(path, exist_ok=True)
         if run.ema is not None:
@@ -527,6 +546,16 @@ def save_checkpoint(run: Run, epoch: int) -> str:
         os.replace(tmp, os.path.join(path, STATE_FILE))  # a half-written state never loads
     run.accelerator.wait_for_everyone()
     return path
+
+
+def _check_replicas_agree(run: Run) -> None:
+    """Every rank must hold the same LoRA weights (same init, averaged gradients): rank 0 saves for all."""
+    if run.accelerator.num_processes == 1:
+        return
+    local = torch.stack([p.detach().double().sum() for p in run.params]).to(run.accelerator.device)  # [n]
+    spread = run.accelerator.reduce(local, reduction="sum") / run.accelerator.num_processes - local
+    if bool(spread.abs().max() > 0):
+        raise RuntimeError("LoRA weights differ between processes; gradients were not averaged identically")
 
 
 def load_checkpoint(run: Run, path: str) -> None:
@@ -569,10 +598,10 @@ def train(config, accelerator) -> Run:
         sample_time = time.time() - started
         advantages, adv_metrics = compute_advantages(run, sampled, epoch)   # advantages
         run.logger.log(adv_metrics, run.global_step)
-        table, anchors = build_rows(run, sampled)
+        table, anchors, prompts = build_rows(run, sampled)
         del sampled
         run.updates_this_epoch = 0
-        update(run, table, anchors, advantages, epoch)                       # update
+        update(run, table, anchors, prompts, advantages, epoch)                       # update
         run.epoch = epoch + 1
         run.logger.log({"epoch": run.epoch, "time_per_epoch": time.time() - started,
                         "sample_time_per_epoch": sample_time,
