@@ -15,14 +15,19 @@ import torch
 __all__ = ["build_reward", "score_images", "submit_scores"]
 
 
-def build_reward(config, device="cpu"):
-    """The configured reward mix on `device`; fails with the reward's own one-line error on bad options."""
+def build_reward(config, device="cpu", for_eval=False):
+    """The configured reward mix on `device`; fails with the reward's own one-line error on bad options.
+
+    `for_eval`: GenEval also reports the benchmark's own (non-strict) accuracies, as upstream's eval calls
+    the scorer with only_strict=False (spec §7.6); training asks for the strict ones only."""
     from shared_rewards import load_reward
 
     weights = {name: float(weight) for name, weight in config.reward_fn.items()}
     if not weights:
         raise ValueError("reward_fn is empty: name at least one reward, e.g. --config.reward_fn.jpeg_compressibility=1.0")
     options = {name: dict(config.reward_options.get(name, {})) for name in weights if name in config.reward_options}
+    if for_eval and "geneval" in weights:
+        options.setdefault("geneval", {})["only_strict"] = False
     return load_reward(weights, device=device, **options)
 
 

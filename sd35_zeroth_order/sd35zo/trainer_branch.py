@@ -157,7 +157,7 @@ def setup(config, accelerator) -> Run:
     sigmas = flow_sigmas(config.sample.num_steps).to(device)  # [N+1]
     schedule = config_check.training_schedule(config)  # [T] k_i of the trained steps
     run = Run(config, accelerator, budget, transformer, vae, params, optimizer, ema, train_set, test_set,
-              negative, sampler, reward, reward, sigmas, list(schedule), run_dir, metric_logger)
+              negative, sampler, reward, build_reward(config, device, for_eval=True), sigmas, list(schedule), run_dir, metric_logger)
     if config.resume_from:
         load_checkpoint(run, config_check.run_path(config.resume_from))
     logger.info("budget: %s", budget.summary())
@@ -310,8 +310,10 @@ def compute_advantages(run: Run, sampled: dict, epoch: int) -> tuple[torch.Tenso
                "reward_std_mean": mean_group_std(gathered.all_rewards, gathered.all_labels),
                "trained_prompt_num": len(run.seen_prompts)}
     for key, value in rewards.items():
-        if "_accuracy" not in key:
-            metrics[f"reward_{key}"] = run.accelerator.gather(value.to(run.accelerator.device)).mean().item()
+        if "_accuracy" not in key:  # per-tag accuracies are eval metrics (spec §7.7)
+            every = run.accelerator.gather(value.to(run.accelerator.device))
+            every = every[every != -10.0]  # GenEval's filler for rows a metric does not apply to
+            metrics[f"reward_{key}"] = every.mean().item() if every.numel() else float("nan")
     metrics["reward_ori_avg"] = metrics["reward_avg"]
     return gathered.local, metrics
 
