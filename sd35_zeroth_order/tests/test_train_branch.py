@@ -191,3 +191,106 @@ def test_geneval_reward_through_a_loopback_server(tmp_path):
     evaluation = next(r for r in rows if "eval_epoch" in r)
     assert 0.0 <= evaluation["eval_reward_geneval/accuracy"] <= 1.0  # benchmark accuracy, only_strict=False
     assert 0.0 <= evaluation["eval_reward_geneval/strict_accuracy"] <= 1.0
+
+
+# ------------------------------------------------------------------------------- in-process pieces of the loop
+
+def _tiny_run(loss_type="matching", reweight="fair_clip2", beta=0.0):
+    """Just enough of a `Run` for `microbatch_loss`: the tiny SD3 transformer with a fresh LoRA, 10 steps."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from diffusers import SD3Transformer2DModel
+    from rsm_testkit import get_tiny_model
+
+    from sd35zo.sde import flow_sigmas
+    from sd35zo.trainer_branch import add_lora
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel.from_pretrained(get_tiny_model("sd35"), subfolder="transformer")
+    params = add_lora(transformer)
+    with torch.no_grad():  # a non-zero B, so the adapter changes the velocity
+        for name, p in transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    config = SimpleNamespace(
+        sample=SimpleNamespace(noise_level=0.7, guidance_scale=4.5),
+        train=SimpleNamespace(loss_type=loss_type, reweight_type=reweight, clip_range=1e-4, beta=beta,
+                              heuristic_kldenom_trick=False))
+    dims = transformer.config
+    negative = (torch.zeros(1, 6, dims.joint_attention_dim), torch.zeros(1, dims.pooled_projection_dim))
+    return SimpleNamespace(config=config, transformer=transformer, params=params, negative=negative,
+                           sigmas=flow_sigmas(10), schedule=[6, 6, 8, 10, 0, 0, 0, 0, 0],
+                           accelerator=SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext))
+
+
+def _rows(run, n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    dims = run.transformer.config
+    channels, side = dims.in_channels, 8
+    steps = torch.arange(n) % 4  # the four branching steps of lowsnr2
+    timesteps = (run.sigmas * 1000)[steps]
+    table = {"latents": torch.randn(n, channels, side, side, generator=gen), "timesteps": timesteps,
+             "v_old": torch.randn(n, channels, side, side, generator=gen),
+             "noises": torch.randn(n, channels, side, side, generator=gen),
+             "k": torch.tensor([6.0, 6.0, 8.0, 10.0])[steps], "sample": torch.arange(n) % 2}
+    prompts = {"prompt_embeds": torch.randn(2, 6, dims.joint_attention_dim, generator=gen),
+               "pooled": torch.randn(2, dims.pooled_projection_dim, generator=gen)}
+    return table, prompts
+
+
+def _loss_and_grads(run, table, prompts, adv, mask):
+    from sd35zo.sampling_branch import exploration_weights
+    from sd35zo.trainer_branch import microbatch_loss
+
+    for p in run.params:
+        p.grad = None
+    idx = torch.arange(adv.shape[0])
+    loss, _ = microbatch_loss(run, table, {}, prompts, idx, torch.zeros(0, dtype=torch.long), adv, mask,
+                              exploration_weights(table["k"], run.schedule))
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in run.params]
+
+
+def test_masked_rows_change_neither_loss_nor_gradient():
+    run = _tiny_run()
+    table, prompts = _rows(run, 8, seed=1)
+    adv = torch.tensor([1.0, -0.5, 0.0, 2.0, 0.0, -1.5, 0.7, 0.3])
+    mask = torch.tensor([True, True, False, True, False, True, True, False])  # row 7: padding (mask off, A != 0)
+    loss, grads = _loss_and_grads(run, table, prompts, adv, mask)
+    assert loss.item() > 0  # off-policy rows (v_old random) with the hinge margin
+    # scramble everything stored for the masked rows: nothing may change
+    other, _ = _rows(run, 8, seed=2)
+    for key in ("latents", "v_old", "noises"):
+        table[key][~mask] = other[key][~mask]
+    adv2 = adv.clone()
+    adv2[~mask] = 3.0
+    loss2, grads2 = _loss_and_grads(run, table, prompts, adv2, mask)
+    assert torch.equal(loss, loss2)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads2))
+
+
+def test_all_rows_masked_gives_zero_policy_loss_and_no_gradient():
+    run = _tiny_run()
+    table, prompts = _rows(run, 4, seed=3)
+    loss, grads = _loss_and_grads(run, table, prompts, torch.tensor([1.0, -1.0, 2.0, 0.5]),
+                                  torch.zeros(4, dtype=torch.bool))
+    assert loss.item() == 0.0
+    assert all(g.abs().max().item() == 0.0 for g in grads)
+
+
+def test_pad_to_microbatches_unmasks_all_rows_when_every_advantage_is_zero_and_checks_the_count():
+    from types import SimpleNamespace
+
+    from sd35zo.trainer_branch import pad_to_microbatches
+
+    run = SimpleNamespace(budget=SimpleNamespace(microbatch_rows=36, microbatches_per_epoch=4))
+    index, mask = pad_to_microbatches(run, 120, torch.zeros(120))
+    assert index.shape == (144,) and torch.equal(index[120:], torch.zeros(24, dtype=torch.long))  # copies of row 0
+    assert bool(mask[:120].all()) and not bool(mask[120:].any())  # padding never trains
+    adv = torch.zeros(120)
+    adv[5] = 1.0
+    _, mask = pad_to_microbatches(run, 120, adv)
+    assert mask.nonzero().flatten().tolist() == [5]
+    with pytest.raises(RuntimeError, match="no-carry"):
+        pad_to_microbatches(run, 150, torch.ones(150))  # 5 microbatches where start-up predicted 4
