@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from shared_rewards.geneval.vocabulary import COCO_CLASSES
+
 from .factory import tiny_model
 
 IMAGE_SIZE = 64
@@ -30,19 +32,10 @@ NUM_QUERIES = 4
 DOG, CAT = 16, 15  # COCO label ids
 DOG_LOGIT, CAT_LOGIT, MASK_LOGIT = 8.0, 7.5, 10.0
 
-# The 80 labels of the hub's COCO-instance Mask2Former/MaskFormer configs: COCO order, detectron2 spellings
-# ("mouse", "remote", "keyboard" where GenEval says "computer mouse", "tv remote", "computer keyboard").
-COCO_INSTANCE_LABELS = (
-    'person', 'bicycle', 'car', 'motorcycle', 'airplane', 'bus', 'train', 'truck', 'boat', 'traffic light',
-    'fire hydrant', 'stop sign', 'parking meter', 'bench', 'bird', 'cat', 'dog', 'horse', 'sheep', 'cow',
-    'elephant', 'bear', 'zebra', 'giraffe', 'backpack', 'umbrella', 'handbag', 'tie', 'suitcase', 'frisbee',
-    'skis', 'snowboard', 'sports ball', 'kite', 'baseball bat', 'baseball glove', 'skateboard', 'surfboard',
-    'tennis racket', 'bottle', 'wine glass', 'cup', 'fork', 'knife', 'spoon', 'bowl', 'banana', 'apple',
-    'sandwich', 'orange', 'broccoli', 'carrot', 'hot dog', 'pizza', 'donut', 'cake', 'chair', 'couch',
-    'potted plant', 'bed', 'dining table', 'toilet', 'tv', 'laptop', 'mouse', 'remote', 'keyboard', 'cell phone',
-    'microwave', 'oven', 'toaster', 'sink', 'refrigerator', 'book', 'clock', 'vase', 'scissors', 'teddy bear',
-    'hair drier', 'toothbrush',
-)
+# The 80 labels of the hub's COCO-instance Mask2Former/MaskFormer configs: GenEval's names in COCO order,
+# with detectron2's spellings for three of them.
+_DETECTRON2_SPELLINGS = {"computer mouse": "mouse", "tv remote": "remote", "computer keyboard": "keyboard"}
+COCO_INSTANCE_LABELS = tuple(_DETECTRON2_SPELLINGS.get(name, name) for name in COCO_CLASSES)
 
 
 def tiny_mask2former(id2label: dict[int, str], seed: int = 0):

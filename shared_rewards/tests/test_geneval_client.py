@@ -32,6 +32,8 @@ from shared_rewards.geneval.serve import create_server
 from shared_rewards.geneval.vocabulary import TAGS
 from shared_rewards.preprocess import to_uint8
 
+from geneval_http import serving
+
 pytestmark = pytest.mark.timeout(120)  # a client or server bug must fail the test, not hang CI
 
 
@@ -79,18 +81,6 @@ class Recording:
     def __call__(self, images, metadatas, only_strict):
         self.sizes.append(len(images))
         return self.evaluator(images, metadatas, only_strict)
-
-
-@contextlib.contextmanager
-def serving(server):
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,8 @@ from shared_rewards.geneval.serve import (
 )
 from shared_rewards.geneval.vocabulary import TAGS
 
+from geneval_http import serving
+
 pytestmark = pytest.mark.timeout(120)  # a server bug must fail the test, not hang CI
 
 DOG = {"tag": "single_object", "prompt": "a photo of a dog", "include": [{"class": "dog", "count": 1}]}
@@ -52,18 +54,6 @@ def tiny_paths(tiny_models):
 @pytest.fixture(scope="module")
 def evaluator(tiny_paths):
     return load_evaluator(device="cpu", **tiny_paths)
-
-
-@contextlib.contextmanager
-def serving(server):
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
 
 
 @contextlib.contextmanager
