@@ -10,7 +10,6 @@ Total objective assembled by the trainer: policy + beta·(kl_sde + kl_anchor).
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from .ppo_loss import mean_d

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 from .ppo_loss import DEFAULT_CLIP_RANGE, RowDiagnostics, mean_d

@@ -25,7 +25,7 @@ def _steps(rows):
 
 def _w_base(rows):
     """(√h/σ̃)·(1 + σ̃²(1-σ)/(2σ)), spec §4.1. [rows]"""
-    sigma, h, st = rows["sigma"], rows["h"], rows["sigma_tilde"]
+    h, st = rows["h"], rows["sigma_tilde"]
     return (h.sqrt() / st) * (1 + (1 - sigma) / (2 * sigma) * st**2)
 
 
@@ -128,7 +128,7 @@ def test_hinge_zeroes_exactly_the_rows_past_the_trust_region_and_flags_them(name
     rows = rollout_rows(model, steps, seed=3)
     perturb(model, 0.02, seed=4)
     v, mean, logp = _current(model, rows)
-    sigma, h, st = rows["sigma"], rows["h"], rows["sigma_tilde"]
+    h, st = rows["h"], rows["sigma_tilde"]
     sigma_t = st * h.sqrt()
     gen = torch.Generator().manual_seed(5)
     adv = torch.randn(len(steps), generator=gen, dtype=v.dtype)
