@@ -25,7 +25,7 @@ def _steps(rows):
 
 def _w_base(rows):
     """(√h/σ̃)·(1 + σ̃²(1-σ)/(2σ)), spec §4.1. [rows]"""
-    h, st = rows["h"], rows["sigma_tilde"]
+    sigma, h, st = rows["sigma"], rows["h"], rows["sigma_tilde"]
     return (h.sqrt() / st) * (1 + (1 - sigma) / (2 * sigma) * st**2)
 
 
