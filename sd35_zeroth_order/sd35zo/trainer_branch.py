@@ -398,14 +398,16 @@ def microbatch_loss(run: Run, table: dict, anchors: dict, prompts: dict, idx: to
 
 
 @torch.no_grad()
-def _reference_mean(run: Run, velocity, x, t, rows, sigma, sigma_next):
-    """μ_ref: the same SDE-step mean with the LoRA adapter switched off (the frozen base model)."""
+def _reference_mean(run: Run, velocity, x, t, rows, sigma, sigma_next, sigmas=None):
+    """μ_ref: the same SDE-step mean with the LoRA adapter switched off (the frozen base model).
+    `sigmas`: the schedule the step belongs to (the training one unless given), for σ̃ at σ = 1."""
     run.transformer.disable_adapters()
     try:
         v_ref = velocity(x, t, rows)
     finally:
         run.transformer.enable_adapters()
-    return sde_mean(v_ref, x, sigma, sigma_next, run.config.sample.noise_level, float(run.sigmas[1]))[0]
+    sigma_max = float((run.sigmas if sigmas is None else sigmas)[1])
+    return sde_mean(v_ref, x, sigma, sigma_next, run.config.sample.noise_level, sigma_max)[0]
 
 
 def _sync_gradients(run: Run) -> None:
@@ -491,14 +493,24 @@ def evaluate(run: Run, epoch: int) -> dict:
         sigmas = flow_sigmas(config.sample.eval_num_steps).to(acc.device)
         mine = list(range(acc.process_index, len(run.test_set), acc.num_processes))
         sums, counts = {}, {}
+        kl_sum, kl_count = 0.0, 0
         for start in range(0, len(mine), config.sample.test_batch_size):
             indices = mine[start:start + config.sample.test_batch_size]
             batch = _collate(run.test_set, indices)
             embeds = batch["prompt_embeds"].to(acc.device)
             velocity = policy_velocity(run, embeds, batch["pooled_prompt_embeds"].to(acc.device))
+            visited = []  # (x_j, t_j, v_j) of every ODE step, for the KL probe
+
+            def recording_velocity(x, t, rows):
+                v = velocity(x, t, rows)
+                visited.append((x, t, rows, v))
+                return v
+
             gen = _generator(config.seed, 1_000_000 + indices[0])  # the same noise for a prompt at every eval
             x0 = initial_latents(len(indices), config.resolution, generator=gen).to(acc.device)
-            images = decode_latents(run.vae, sample_ode(velocity, x0, sigmas), chunk_size=config.latent_chunk_size)
+            final = sample_ode(recording_velocity, x0, sigmas)
+            images = decode_latents(run.vae, final, chunk_size=config.latent_chunk_size)
+            kl_sum, kl_count = _eval_kl_probe(run, velocity, visited, sigmas, kl_sum, kl_count)
             scores = submit_scores(None, run.eval_reward, images, batch["prompts"], batch["metadatas"]).result()
             for key, value in scores.items():
                 keep = value != -10.0  # upstream's filler for rows a GenEval tag does not apply to
@@ -508,11 +520,33 @@ def evaluate(run: Run, epoch: int) -> dict:
         if run.ema is not None:
             run.ema.copy_temp_to(run.params)
     metrics = {"eval_epoch": epoch, "eval_global_step": run.global_step}
+    kl = torch.tensor([kl_sum, kl_count], dtype=torch.float64, device=acc.device)
+    kl = acc.reduce(kl, reduction="sum") if acc.num_processes > 1 else kl
+    metrics["eval_kl_divergence"] = (kl[0] / kl[1]).item() if kl[1] > 0 else float("nan")
     for key in sorted(sums):
         pair = torch.tensor([sums[key], counts[key]], dtype=torch.float64, device=acc.device)
         pair = acc.reduce(pair, reduction="sum") if acc.num_processes > 1 else pair
         metrics[f"eval_reward_{key}"] = (pair[0] / pair[1]).item() if pair[1] > 0 else float("nan")
     return metrics
+
+
+def _eval_kl_probe(run: Run, velocity, visited, sigmas, kl_sum: float, kl_count: int):
+    """KL(policy || reference) of one SDE step at the eval trajectory's states x_j, for the training
+    schedule's branching steps j (k_j > 0, j < T), weighted k̄/k_j, exact denominator σ̃²h of the eval
+    schedule (spec §7.6 step 2; upstream's indices, which on a 40-step trajectory probe its first steps).
+    Returns the running (sum over rows, row count)."""
+    k_bar = mean_active_k(run.schedule)
+    for j, k in enumerate(run.schedule[:len(visited)]):
+        if k == 0:
+            continue
+        x, t, rows, v = visited[j]
+        sigma, sigma_next = sigmas[j].expand(x.shape[0]), sigmas[j + 1].expand(x.shape[0])  # [b] each
+        mean, tilde = sde_mean(v, x, sigma, sigma_next, run.config.sample.noise_level, float(sigmas[1]))
+        mean_ref = _reference_mean(run, velocity, x, t, rows, sigma, sigma_next, sigmas)
+        kl = sde_kl_rows(mean, mean_ref, h=sigma - sigma_next, sigma_tilde=tilde.reshape(-1)) * (k_bar / k)  # [b]
+        kl_sum += float(kl.sum())
+        kl_count += int(kl.numel())
+    return kl_sum, kl_count
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints

@@ -84,6 +84,8 @@ def test_paper_command_tiny_trains_two_epochs_with_exact_update_counts(full_run)
     assert [r["group_size"] for r in rows if "group_size" in r] == [7.5, 7.5]
     assert [r["eval_epoch"] for r in rows if "eval_epoch" in r] == [1, 2]
     assert all("eval_reward_avg" in r for r in rows if "eval_epoch" in r)
+    # EMA weights at eval equal the LoRA init (no EMA update before step 7), whose adapter is a no-op: KL = 0
+    assert [r["eval_kl_divergence"] for r in rows if "eval_epoch" in r] == [0.0, 0.0]
     assert [r["optimizer_updates_this_epoch"] for r in rows if "optimizer_updates_this_epoch" in r] == [2, 2]
     # the live LoRA moved away from its initialisation (B = 0 at init)
     state = torch.load(full_run / "checkpoints" / "checkpoint-2" / "training_state.pt", weights_only=False)
@@ -137,7 +139,8 @@ def test_two_process_gloo_run_averages_gradients_and_saves_once(data, tmp_path):
     torchrun = str(Path(PYTHON).parent / "torchrun")
     command = [torchrun, "--nproc_per_node", "2", "--master_port", "29817", "scripts/train_sd3_pr.py",
                "--config", f"config/sd3_matrix.py:tiny:{TINY_ID}", *data, *BUDGET_FIX,
-               f"--config.save_dir={tmp_path}", "--config.run_name=two", "--config.num_epochs=1"]
+               f"--config.save_dir={tmp_path}", "--config.run_name=two", "--config.num_epochs=1",
+               "--config.train.ema=False"]  # evaluate the live weights: the KL probe must see them move
     done = subprocess.run(command, cwd=COMPONENT, env=dict(_env(), ACCELERATE_USE_CPU="true"),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-5000:]
@@ -147,6 +150,8 @@ def test_two_process_gloo_run_averages_gradients_and_saves_once(data, tmp_path):
     assert [(r["actual_transition_rows"], r["actual_microbatches_per_epoch"]) for r in layout] == [(60, 2)]
     assert [r["step"] for r in rows if "policy_loss" in r] == [1, 2]
     assert [r["group_size"] for r in rows if "group_size" in r] == [7.5]
+    kl = [r["eval_kl_divergence"] for r in rows if "eval_epoch" in r]
+    assert len(kl) == 1 and 0.0 < kl[0] < 1.0  # two small steps away from the reference: positive, small
     assert (tmp_path / "two" / "checkpoints" / "checkpoint-1" / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
