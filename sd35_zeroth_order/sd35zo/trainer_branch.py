@@ -82,12 +82,13 @@ class Run:
     updates_this_epoch: int = 0
 
 
-def _generator(*keys) -> torch.Generator:
-    """A CPU generator seeded from integers (seed, rank, epoch, ...): explicit, resumable randomness."""
+def _generator(*keys, device="cpu") -> torch.Generator:
+    """A generator on `device` seeded from integers (seed, rank, epoch, ...): explicit, resumable randomness.
+    Noise is drawn on the device it is used on (torch needs the generator there)."""
     seed = 0
     for key in keys:
         seed = (seed * 1_000_003 + int(key)) % (2**63 - 1)
-    return torch.Generator().manual_seed(seed)
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def add_lora(transformer):
@@ -236,8 +237,8 @@ def sample_epoch(run: Run, epoch: int) -> dict:
         embeds = batch["prompt_embeds"].to(device)  # [B, S, D]
         pooled = batch["pooled_prompt_embeds"].to(device)  # [B, Dp]
         velocity = policy_velocity(run, embeds, pooled)
-        gen = _generator(config.seed, rank, epoch, b)
-        x0 = initial_latents(embeds.shape[0], config.resolution, generator=gen).to(device)  # [B, C, h, w]
+        gen = _generator(config.seed, rank, epoch, b, device=device)
+        x0 = initial_latents(embeds.shape[0], config.resolution, generator=gen, device=device)  # [B, C, h, w]
         rows = sample_branches(velocity, x0, run.sigmas, list(config.sample.exploration_k),
                                latent_chunk_size=config.latent_chunk_size, noise_level=config.sample.noise_level,
                                generator=gen, return_prev_sample_mean=config.train.reweight_type == "grpo_guard",
@@ -506,8 +507,8 @@ def evaluate(run: Run, epoch: int) -> dict:
                 visited.append((x, t, rows, v))
                 return v
 
-            gen = _generator(config.seed, 1_000_000 + indices[0])  # the same noise for a prompt at every eval
-            x0 = initial_latents(len(indices), config.resolution, generator=gen).to(acc.device)
+            gen = _generator(config.seed, 1_000_000 + indices[0], device=acc.device)  # same noise at every eval
+            x0 = initial_latents(len(indices), config.resolution, generator=gen, device=acc.device)
             final = sample_ode(recording_velocity, x0, sigmas)
             images = decode_latents(run.vae, final, chunk_size=config.latent_chunk_size)
             kl_sum, kl_count = _eval_kl_probe(run, velocity, visited, sigmas, kl_sum, kl_count)
