@@ -187,7 +187,7 @@ def tiny(config_id, world_size=None):
     if fields["sampler"] == "default":
         config.sample.train_batch_size = config.train.batch_size = 1
     else:
-        config.sample.collection_batch_size = 1
+        config.sample.collection_batch_size = 2  # one rollout holds a prompt's 2 images (BranchPromptSampler needs ipp | B x processes)
         config.latent_chunk_size = config.train.batch_size = TINY_CHUNK
     # tiny text encoders give other embedding shapes: keep their cache apart from the real one
     cache_dir = os.path.join(ROOT, "..", "cache", "sd35_embeddings", "tiny", os.path.basename(config.dataset))

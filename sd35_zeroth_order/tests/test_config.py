@@ -418,8 +418,9 @@ def test_tiny_config_points_at_the_test_kit_and_runs_on_one_process():
         for profile in matrix.PROFILES:
             config = matrix.get_config(f"tiny:sd3.{profile}.{sampler}.geneval.matching.fairclip2")
             budget = config_check.finalize(config, 1)
-            assert budget.updates_per_epoch == 2 and budget.rollouts_per_epoch == 4
-            if sampler == "branch":  # 4 rollouts x 1 noise x sum(k) rows in microbatches of 4 x 9
+            # 4 images an epoch: 4 rollouts of 1 (default) or 2 rollouts of one prompt's 2 noises (branch)
+            assert budget.updates_per_epoch == 2 and budget.rollouts_per_epoch == (4 if sampler == "default" else 2)
+            if sampler == "branch":  # 4 noises x sum(k) rows in microbatches of 4 x 9
                 assert budget.microbatches_per_epoch == math.ceil(4 * sum(matrix.PROFILES[profile][:9]) / 36)
     config = matrix.get_config(f"tiny:{PAPER_ID}")
     assert config.pretrained.model == str(rsm_testkit.get_tiny_model("sd35"))

@@ -18,9 +18,6 @@ COMPONENT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 ACCELERATE = str(Path(PYTHON).parent / "accelerate")
 TINY_ID = "sd3.lowsnr2.branch.jpeg_compressibility.matching.fairclip2"
-# The tiny config draws 1 image per rollout but 2 images per prompt; a draw must hold whole prompt groups,
-# so the tests sample 2 images per rollout (same 4 images and 120 rows per epoch).
-BUDGET_FIX = ["--config.sample.collection_batch_size=2"]
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +63,7 @@ def _metrics(run_dir):
 def full_run(data, tmp_path_factory):
     """The uninterrupted 2-epoch paper run on the tiny kit."""
     save = tmp_path_factory.mktemp("runs")
-    _launch([*data, *BUDGET_FIX, f"--config.save_dir={save}", "--config.run_name=full", "--config.num_epochs=2"])
+    _launch([*data, f"--config.save_dir={save}", "--config.run_name=full", "--config.num_epochs=2"])
     return save / "full"
 
 
@@ -114,7 +111,7 @@ def test_checkpoint_lora_loads_with_diffusers_pipeline(full_run):
 
 def test_resume_from_checkpoint_reproduces_uninterrupted_epoch(full_run, data):
     save = full_run.parent
-    _launch([*data, *BUDGET_FIX, f"--config.save_dir={save}", "--config.run_name=resumed", "--config.num_epochs=2",
+    _launch([*data, f"--config.save_dir={save}", "--config.run_name=resumed", "--config.num_epochs=2",
              f"--config.resume_from={full_run / 'checkpoints' / 'checkpoint-1'}"])
     drop = {"time_per_epoch", "sample_time_per_epoch", "checkpoint_path"}
 
@@ -138,7 +135,7 @@ def test_two_process_gloo_run_averages_gradients_and_saves_once(data, tmp_path):
     only one process, so torchrun starts the two (ACCELERATE_USE_CPU selects gloo)."""
     torchrun = str(Path(PYTHON).parent / "torchrun")
     command = [torchrun, "--nproc_per_node", "2", "--master_port", "29817", "scripts/train_sd3_pr.py",
-               "--config", f"config/sd3_matrix.py:tiny:{TINY_ID}", *data, *BUDGET_FIX,
+               "--config", f"config/sd3_matrix.py:tiny:{TINY_ID}", *data,
                f"--config.save_dir={tmp_path}", "--config.run_name=two", "--config.num_epochs=1",
                "--config.train.ema=False"]  # evaluate the live weights: the KL probe must see them move
     done = subprocess.run(command, cwd=COMPONENT, env=dict(_env(), ACCELERATE_USE_CPU="true"),
@@ -182,7 +179,7 @@ def test_geneval_reward_through_a_loopback_server(tmp_path):
     with start_server(port=0, device="cpu", detector=str(get_tiny_model("mask2former_coco_dog_cat")),
                       clip=str(get_tiny_model("clip_vit_l14"))) as server:
         command = [PYTHON, "scripts/train_sd3_pr.py", "--config",
-                   "config/sd3_matrix.py:tiny:sd3.lowsnr2.branch.geneval.matching.fairclip2", *data, *BUDGET_FIX,
+                   "config/sd3_matrix.py:tiny:sd3.lowsnr2.branch.geneval.matching.fairclip2", *data,
                    f"--config.reward_options.geneval.url={server.url}", f"--config.save_dir={tmp_path}",
                    "--config.run_name=geneval", "--config.num_epochs=1"]
         done = subprocess.run(command, cwd=COMPONENT, env=_env(), capture_output=True, text=True, timeout=400)
