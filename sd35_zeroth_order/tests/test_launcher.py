@@ -149,7 +149,7 @@ def test_tiny_dry_run_targets_the_tiny_config_on_one_cpu_process():
                            "--main_process_port", "29700", "--cpu"]
     assert command[9:] == ["scripts/train_sd3_pr.py", "--config", f"config/sd3_matrix.py:tiny:{PAPER_ID}",
                            f"--config.pretrained.model={rsm_testkit.get_tiny_model('sd35')}"]
-    assert "budget: world_size=1 rollouts_per_epoch=4 images_per_rollout=1" in result.stdout
+    assert "budget: world_size=1 rollouts_per_epoch=2 images_per_rollout=2" in result.stdout
 
 
 def test_run_all_sweeps_sampler_loss_reweight_in_order_and_passes_arguments():
