@@ -38,7 +38,7 @@ def preset(reward):
 
 
 def prompt_set(reward):
-    """(dataset folder under dataset/, prompt_fn, train file, test file) for the reward's prompts."""
+    """(prompt-set folder under <repo>/data/, prompt_fn, train file, test file) for the reward's prompts."""
     if reward == "geneval":
         return "geneval", "geneval", "train_metadata.jsonl", "test_metadata.jsonl"
     # OCR prompts quote the text to render; every other reward trains on the PickScore prompt list.
@@ -85,7 +85,8 @@ def apply_reward_preset(config, reward, sampler, root):
     """Step 4 of the build (spec §2.2): everything the reward decides. `root` = component directory."""
     chosen = preset(reward)
     folder, prompt_fn, train_file, test_file = prompt_set(reward)
-    dataset_dir = os.path.join(root, "dataset", folder)
+    # prompt sets live where `python scripts/fetch_data.py --out data` (repository root) writes them
+    dataset_dir = os.path.normpath(os.path.join(root, "..", "data", folder))
     cache_dir = os.path.join(root, "..", "cache", "sd35_embeddings", folder)
     config.dataset = dataset_dir
     config.train_prompt_file_path = os.path.join(dataset_dir, train_file)

@@ -44,15 +44,16 @@ def _flat(config):
 
 # Spec §1.5 "Resolved configuration (every key)", copied value by value; <cwd> = the component directory.
 CWD = str(ROOT)
+DATA = os.path.normpath(os.path.join(CWD, "..", "data"))  # where scripts/fetch_data.py writes
 PAPER_VALUES = {
     "run_name": "", "num_epochs": 1081, "resume_from": "", "seed": 42, "logdir": "logs", "save_freq": 60,
     "eval_freq": 60, "num_checkpoint_limit": 5, "mixed_precision": "fp16", "allow_tf32": True, "use_lora": True,
-    "dataset": f"{CWD}/dataset/geneval", "resolution": 512, "activation_checkpointing": True,
+    "dataset": f"{DATA}/geneval", "resolution": 512, "activation_checkpointing": True,
     "fsdp_optimizer_offload": False,
     "train_hdf5_path": f"{CWD}/../cache/sd35_embeddings/geneval/train_embeddings.h5",
-    "train_prompt_file_path": f"{CWD}/dataset/geneval/train_metadata.jsonl",
+    "train_prompt_file_path": f"{DATA}/geneval/train_metadata.jsonl",
     "test_hdf5_path": f"{CWD}/../cache/sd35_embeddings/geneval/test_embeddings.h5",
-    "test_prompt_file_path": f"{CWD}/dataset/geneval/test_metadata.jsonl",
+    "test_prompt_file_path": f"{DATA}/geneval/test_metadata.jsonl",
     "latent_chunk_size": 12, "prompt_fn": "geneval", "prompt_fn_kwargs": {},
     "reward_fn.geneval": 1.0, "reward_fn.pickscore": 0.0,
     "save_dir": "../logs/sd3/lowsnr2/branch/geneval/matching_fairclip2", "per_prompt_stat_tracking": True,
@@ -291,9 +292,9 @@ def test_reward_presets_match_spec_section_2_5(reward, freq, epochs, beta, world
         assert (config.save_freq, config.eval_freq, config.num_epochs, config.train.beta) == (freq, freq, epochs, beta)
         assert config.reference_world_size == world
         assert (config.sample.num_prompt_per_epoch, config.sample.num_image_per_prompt) == (prompts, images)
-        assert config.dataset == f"{CWD}/dataset/{folder}" and config.prompt_fn == prompt_fn
+        assert config.dataset == f"{DATA}/{folder}" and config.prompt_fn == prompt_fn
         suffix = "_metadata.jsonl" if folder == "geneval" else ".txt"
-        assert config.train_prompt_file_path == f"{CWD}/dataset/{folder}/train{suffix}"
+        assert config.train_prompt_file_path == f"{DATA}/{folder}/train{suffix}"
         assert config.test_hdf5_path == f"{CWD}/../cache/sd35_embeddings/{folder}/test_embeddings.h5"
         assert config.reward_fn.to_dict() == weights and set(config.reward_options) == set(weights)
         assert config.train.heuristic_kldenom_trick is (not exact_kl) and config.train.use_ode_kl_anchor is exact_kl
