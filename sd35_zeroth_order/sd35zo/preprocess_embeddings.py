@@ -1,8 +1,8 @@
 """Pre-compute SD3 prompt embeddings for a train and a test prompt file (spec §1.3, §6.2).
 
     python -m sd35zo.preprocess_embeddings --output_dir ../cache/sd35_embeddings/geneval \
-        --train_prompt_file dataset/geneval/train_metadata.jsonl \
-        --test_prompt_file dataset/geneval/test_metadata.jsonl \
+        --train_prompt_file ../data/geneval/train_metadata.jsonl \
+        --test_prompt_file ../data/geneval/test_metadata.jsonl \
         [--pretrained_model stabilityai/stable-diffusion-3.5-medium] [--mixed_precision fp16|bf16|no] [--batch_size 64]
 
 Several processes: `accelerate launch --num_processes P -m sd35zo.preprocess_embeddings ...`. Each
