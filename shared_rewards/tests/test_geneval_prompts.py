@@ -223,3 +223,19 @@ def test_cli_runs_as_a_module(tmp_path):
         capture_output=True, text=True, timeout=120, cwd=PACKAGE_ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(read_metadata_jsonl(out)) == 79
+
+
+def test_exclude_files_are_read_as_validated_metadata_or_plain_lines(tmp_path):
+    from shared_rewards.geneval.prompts import read_prompts
+
+    good = tmp_path / "test.jsonl"
+    good.write_text(json.dumps({"tag": "single_object", "include": [{"class": "cat", "count": 1}],
+                                "prompt": "a photo of a cat"}) + "\n\n")
+    assert read_prompts(good) == ["a photo of a cat"]
+    text = tmp_path / "test.txt"
+    text.write_text("a photo of a dog\n\n  a photo of a cow  \n")
+    assert read_prompts(text) == ["a photo of a dog", "a photo of a cow"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x", "tag": "countin", "include": []}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: .*countin"):
+        read_prompts(bad)

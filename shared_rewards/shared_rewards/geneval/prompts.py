@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .metadata import validate_metadata
+from .metadata import read_metadata_jsonl, validate_metadata
 from .vocabulary import COCO_CLASSES, COLORS, RELATIONS, TAGS
 
 _NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
@@ -230,23 +230,14 @@ def parse_weights(text: str) -> dict[str, float]:
 
 
 def read_prompts(path) -> list[str]:
-    """Prompts of a metadata JSONL file (its ``prompt`` fields) or of a text file (one per non-blank line)."""
+    """Prompts of a GenEval metadata JSONL file (validated rows) or of a text file (one per non-blank line)."""
     path = Path(path)
+    if path.suffix == ".jsonl":
+        return [md["prompt"] for md in read_metadata_jsonl(path)]
     if not path.is_file():
         raise FileNotFoundError(f"exclude file not found: {path}")
-    prompts = []
     with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            if path.suffix == ".jsonl":
-                try:
-                    prompts.append(json.loads(line)["prompt"])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ValueError(f"{path}:{lineno}: expected a JSON object with a 'prompt' key") from None
-            else:
-                prompts.append(line.strip())
-    return prompts
+        return [line.strip() for line in f if line.strip()]
 
 
 def main(argv=None) -> int:
