@@ -21,14 +21,7 @@ B, C, H, W = 4, 3, 2, 2
 LOWSNR2 = [6, 6, 8, 10, 0, 0, 0, 0, 0, 6]  # spec §2.3: 10 entries, the last one dropped
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    """These tensors are tiny: on a shared 2-core runner, intra-op threads cost far more than they save
-    (the tiny-SD3 test takes ~0.4 s with one thread and 5-20 s with two under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def toy_velocity(prompts=B, seed=0):

@@ -15,14 +15,7 @@ from sd35zo.sde import flow_sigmas, sde_step_with_logprob
 B, C, H, W = 3, 4, 2, 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    """These tensors are tiny: on a shared 2-core runner, intra-op threads cost far more than they save
-    (the tiny-SD3 test takes ~0.4 s with one thread and 5-20 s with two under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def toy_velocity(dtype=torch.float64, prompts=B, seed=0):

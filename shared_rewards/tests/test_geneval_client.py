@@ -23,7 +23,6 @@ from PIL import Image
 from shared_rewards import CATALOGUE, RewardInputError, load_reward
 from shared_rewards.geneval import client as client_module
 from shared_rewards.geneval.client import GenEvalServerError, filtered_means, resolve_url, start_server
-from shared_rewards.geneval.evaluator import load_evaluator
 from shared_rewards.geneval.protocol import decode_jpeg, parse_request
 from shared_rewards.geneval.scoring import ImageResult, batch_response
 from shared_rewards.geneval.serve import create_server
@@ -57,17 +56,6 @@ def images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
 def call(reward, metadatas, x=None):
     x = images(len(metadatas)) if x is None else x
     return reward(x, [md["prompt"] for md in metadatas], metadatas)
-
-
-@pytest.fixture(scope="module")
-def tiny_paths(tiny_models):
-    return {"detector": str(tiny_models.path("mask2former_coco_dog_cat")),
-            "clip": str(tiny_models.path("clip_vit_l14"))}
-
-
-@pytest.fixture(scope="module")
-def evaluator(tiny_paths):
-    return load_evaluator(device="cpu", **tiny_paths)
 
 
 class Recording:

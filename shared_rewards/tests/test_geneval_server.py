@@ -24,7 +24,6 @@ import requests  # what the upstream clients post with (installed with diffusers
 from PIL import Image
 
 from shared_rewards.geneval.client import start_server
-from shared_rewards.geneval.evaluator import load_evaluator
 from shared_rewards.geneval.protocol import RESPONSE_KEYS, safe_loads
 from shared_rewards.geneval.serve import (
     WORKER_HEADER,
@@ -43,17 +42,6 @@ DOG = {"tag": "single_object", "prompt": "a photo of a dog", "include": [{"class
 FOUR_DOGS = {"tag": "counting", "prompt": "a photo of four dogs", "include": [{"class": "dog", "count": 4}],
              "exclude": [{"class": "dog", "count": 5}]}
 RED_DOG = {"tag": "colors", "prompt": "a photo of a red dog", "include": [{"class": "dog", "count": 1, "color": "red"}]}
-
-
-@pytest.fixture(scope="module")
-def tiny_paths(tiny_models):
-    return {"detector": str(tiny_models.path("mask2former_coco_dog_cat")),
-            "clip": str(tiny_models.path("clip_vit_l14"))}
-
-
-@pytest.fixture(scope="module")
-def evaluator(tiny_paths):
-    return load_evaluator(device="cpu", **tiny_paths)
 
 
 @contextlib.contextmanager
