@@ -258,8 +258,10 @@ def sample_epoch(run: Run, epoch: int) -> dict:
         rollouts.append((rows, embeds, pooled))
         row_meta.append((prompts, seeds[rows.row_sample_idx.cpu()]))
         run.seen_prompts.update(batch["prompts"])
+    sampled_at = time.time()
     scores = [f.result() for f in futures]
     pool.shutdown()
+    stats["reward_wait_time"] = time.time() - sampled_at  # scoring that did not overlap with sampling
     return {"rollouts": rollouts, "scores": scores, "meta": row_meta, "stats": stats}
 
 
@@ -470,6 +472,16 @@ def update(run: Run, table: dict, anchors: dict, prompts: dict, advantages: torc
                                f"expected train.updates_per_epoch={budget.updates_per_epoch}")
 
 
+def peak_memory(device) -> dict:
+    """Peak memory so far: CUDA allocator peak on a GPU, the process's peak resident set on a CPU (MiB)."""
+    if torch.device(device).type == "cuda":
+        return {"peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20, "peak_memory_kind": "cuda_allocated"}
+    import resource
+
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"peak_memory_mib": rss_kib / 1024, "peak_memory_kind": "cpu_max_rss"}
+
+
 def _mean_over_processes(run: Run, value: float) -> float:
     if run.accelerator.num_processes == 1:
         return value
@@ -632,22 +644,28 @@ def train(config, accelerator) -> Run:
                         "2b_padded_row_steps": stats["processed"] - stats["useful"],
                         "2b_padding_ratio": (stats["processed"] - stats["useful"]) / max(stats["processed"], 1)},
                        run.global_step)
-        sample_time = time.time() - started
+        sample_time = time.time() - started - stats["reward_wait_time"]
         advantages, adv_metrics = compute_advantages(run, sampled, epoch)   # advantages
         run.logger.log(adv_metrics, run.global_step)
         table, anchors, prompts = build_rows(run, sampled)
         del sampled
         run.updates_this_epoch = 0
+        update_started = time.time()
         update(run, table, anchors, prompts, advantages, epoch)                       # update
         run.epoch = epoch + 1
         run.logger.log({"epoch": run.epoch, "time_per_epoch": time.time() - started,
                         "sample_time_per_epoch": sample_time,
+                        "reward_wait_time_per_epoch": stats["reward_wait_time"],
+                        "train_time_per_epoch": time.time() - update_started,
+                        **peak_memory(run.accelerator.device),
                         "optimizer_updates_this_epoch": run.updates_this_epoch,
                         "optimizer_updates_target_per_epoch": run.budget.updates_per_epoch * config.train.num_inner_epochs},
                        run.global_step)
         last = run.epoch == config.num_epochs
         if last or run.epoch % config.eval_freq == 0:                        # eval
-            run.logger.log(evaluate(run, run.epoch), run.global_step)
+            eval_started = time.time()
+            metrics = evaluate(run, run.epoch)
+            run.logger.log({**metrics, "eval_time": time.time() - eval_started}, run.global_step)
         if last or run.epoch % config.save_freq == 0:                        # checkpoint
             path = save_checkpoint(run, run.epoch)
             run.logger.log({"checkpoint_epoch": run.epoch, "checkpoint_global_step": run.global_step,
