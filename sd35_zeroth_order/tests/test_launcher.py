@@ -1,5 +1,6 @@
 """scripts/single_node/run_sd3.sh and run_all.sh, run with bash in a subprocess (spec §1.1, §1.2, §1.5)."""
 import importlib.util
+import json
 import os
 import shlex
 import subprocess
@@ -17,15 +18,15 @@ PAPER_ID = "sd3.lowsnr2.branch.geneval.matching.fairclip2"
 
 
 def _env(**extra):
-    env = {key: value for key, value in os.environ.items() if key != "WORLD_SIZE"}
+    env = {key: value for key, value in os.environ.items() if key not in ("WORLD_SIZE", "TORCHRUN")}
     env.update(PYTHON=sys.executable, **extra)
     return env
 
 
-def run_sd3(*args, cwd="/", **env):
+def run_sd3(*args, cwd="/", timeout=120, **env):
     # from "/" on purpose: the launcher must find its component by itself
     return subprocess.run(["bash", str(RUN_SD3), *args], cwd=cwd, env=_env(**env), capture_output=True, text=True,
-                          timeout=120)
+                          timeout=timeout)
 
 
 def _command(result):
@@ -174,3 +175,68 @@ def test_run_all_stops_at_a_run_that_cannot_start():
     result = subprocess.run(["bash", str(RUN_ALL)], cwd="/", env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "Completed" not in result.stdout and "[2/2]" not in result.stdout
     assert "fair_clip2" in result.stderr
+
+
+def test_cpu_runs_on_several_processes_dry_run_torchrun_with_gloo():
+    """`accelerate launch --cpu` starts one process whatever --num_processes says, so CPU runs on N > 1
+    processes go through torchrun (from $PYTHON's environment unless TORCHRUN names one)."""
+    rsm_testkit = pytest.importorskip("rsm_testkit")
+    tiny = run_sd3(*PAPER_FLAGS, "--tiny", "--num-processes", "2", "--dry-run")
+    assert tiny.returncode == 0, tiny.stderr
+    assert _command(tiny) == [
+        "env", "ACCELERATE_USE_CPU=true", sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+        "--nproc_per_node", "2", "--master_port", "29700", "scripts/train_sd3_pr.py", "--config",
+        f"config/sd3_matrix.py:tiny:{PAPER_ID}", f"--config.pretrained.model={rsm_testkit.get_tiny_model('sd35')}"]
+    assert "budget: world_size=2 " in tiny.stdout
+    # --cpu without --tiny: the full config, torchrun named by TORCHRUN, the chosen port
+    cpu = _command(run_sd3("--cpu", "--num-processes", "3", "--main-process-port", "31000", "--dry-run",
+                           TORCHRUN="/opt/bin/torchrun"))
+    assert cpu == ["env", "ACCELERATE_USE_CPU=true", "/opt/bin/torchrun", "--nnodes", "1", "--nproc_per_node", "3",
+                   "--master_port", "31000", "scripts/train_sd3.py", "--config",
+                   "config/sd3_matrix.py:sd3.base.default.pickscore.ppo.base"]
+    # one CPU process keeps accelerate launch --cpu; GPU runs keep accelerate launch whatever N is
+    assert _command(run_sd3("--cpu", "--num-processes", "1", "--dry-run"))[:9] == [
+        "accelerate", "launch", "--num_machines", "1", "--num_processes", "1", "--main_process_port", "29502", "--cpu"]
+    gpu = _command(run_sd3("--num-processes", "3", "--dry-run", TORCHRUN="/opt/bin/torchrun"))
+    assert gpu[:6] == ["accelerate", "launch", "--num_machines", "1", "--num_processes", "3"] and "--cpu" not in gpu
+
+
+def test_accelerate_config_on_a_torchrun_run_is_refused_with_one_line():
+    result = run_sd3("--cpu", "--num-processes", "2", "--accelerate-config", "/cfg/a.yaml", "--dry-run")
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.splitlines()[0] == ("run_sd3.sh: --accelerate-config does not apply to CPU runs on 2 "
+                                             "processes (they use torchrun)")
+
+
+@pytest.fixture(scope="module")
+def tiny_prompt_embeddings(tmp_path_factory):
+    """Four train and two test prompts through the tiny SD3 text encoders (as in test_train_branch.py)."""
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+    from rsm_testkit import get_tiny_model
+
+    from sd35zo.embeddings import precompute_split
+
+    root = tmp_path_factory.mktemp("prompts")
+    (root / "train.txt").write_text("a red apple\na blue car\na cat on a mat\ntwo dogs\n")
+    (root / "test.txt").write_text("a green tree\na yellow bus\n")
+    pipe = StableDiffusion3Pipeline.from_pretrained(get_tiny_model("sd35"), transformer=None, vae=None)
+    for split in ("train", "test"):
+        precompute_split(pipe, str(root / f"{split}.txt"), str(root), split, batch_size=8, dtype=torch.float32)
+    return [f"--config.{split}_{kind}={root / name}" for split in ("train", "test")
+            for kind, name in (("hdf5_path", f"{split}_embeddings.h5"), ("prompt_file_path", f"{split}.txt"))]
+
+
+def test_tiny_run_on_two_cpu_processes_really_starts_two(tiny_prompt_embeddings, tmp_path):
+    """The launcher itself (not a hand-written torchrun line) trains the tiny paper config on two ranks."""
+    pytest.importorskip("rsm_testkit")
+    tiny_flags = [flag if flag != "geneval" else "jpeg_compressibility" for flag in PAPER_FLAGS]  # a local reward
+    result = run_sd3(*tiny_flags, "--tiny", "--num-processes", "2", "--main-process-port", "29851", "--", *tiny_prompt_embeddings,
+                     f"--config.save_dir={tmp_path}", "--config.run_name=two", "--config.num_epochs=1",
+                     cwd=str(tmp_path), OMP_NUM_THREADS="1", WANDB_MODE="disabled", timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    # each rank samples half the epoch: 60 of the 120 branch rows a single process would (world_size=2)
+    layout = [r for r in rows if "actual_microbatches_per_epoch" in r]
+    assert [(r["actual_transition_rows"], r["actual_microbatches_per_epoch"]) for r in layout] == [(60, 2)]
+    assert [r["step"] for r in rows if "policy_loss" in r] == [1, 2]

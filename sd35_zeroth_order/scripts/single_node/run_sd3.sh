@@ -8,7 +8,8 @@
 # the chosen number of processes (sd35zo/config_check.py: one line saying what is wrong, before any model
 # loads), then runs `accelerate launch ... scripts/train_sd3.py|train_sd3_pr.py --config
 # config/sd3_matrix.py:<id>`. Everything after `--` is passed to the trainer, e.g. config overrides
-# `-- --config.train.learning_rate=1e-4`.
+# `-- --config.train.learning_rate=1e-4`. CPU runs (--tiny, --cpu) on more than one process start them
+# with torchrun instead: `accelerate launch --cpu` always starts a single process.
 set -euo pipefail
 trap '' HUP  # long runs survive the terminal closing
 
@@ -31,21 +32,25 @@ usage: bash scripts/single_node/run_sd3.sh [options] [-- trainer args]
   --reward R             one of: $REWARDS (default pickscore)
   --loss L               one of: $LOSSES (default ppo)
   --reweight W           one of: $REWEIGHTS (default base)
-  --num-processes N      processes for accelerate launch (default: the reward preset's world size,
-                         4 for geneval, 2 otherwise; 1 with --tiny). Budgets follow N: the global
-                         images per epoch stay fixed and accumulation grows as N shrinks
-  --main-process-port P  default 29502 (default sampler) or 29700 (branch sampler)
-  --accelerate-config F  passed to accelerate launch as --config_file F
+  --num-processes N      processes to start (default: the reward preset's world size, 4 for geneval,
+                         2 otherwise; 1 with --tiny). Budgets follow N: the global images per epoch
+                         stay fixed and accumulation grows as N shrinks. On a CPU (--tiny, --cpu)
+                         N > 1 runs under torchrun (gloo), since accelerate launch --cpu starts one
+  --main-process-port P  default 29502 (default sampler) or 29700 (branch sampler); torchrun's
+                         --master_port on CPU runs with N > 1
+  --accelerate-config F  passed to accelerate launch as --config_file F (not for torchrun runs)
   --model M              base model: hub id or local diffusers directory (config pretrained.model)
   --output-dir D         where checkpoints and logs go (config save_dir)
   --tiny                 the same run on the tiny test kit (rsm_testkit): tiny SD3 and reward models,
                          64 px, a few rows per epoch, CPU; for smoke tests
+  --cpu                  run on the CPU (implied by --tiny)
   --dry-run              check the config and print the command instead of running it
   --list                 print the supported values of the five id fields and exit
   -h, --help             this text
   -- ARGS                passed to the trainer unchanged, e.g. -- --config.train.learning_rate=1e-4
 
-Environment: PYTHON (default python3) and ACCELERATE (default accelerate) name the executables.
+Environment: PYTHON (default python3) and ACCELERATE (default accelerate) name the executables;
+TORCHRUN (default: \$PYTHON -m torch.distributed.run) starts CPU runs with N > 1.
 WANDB_API_KEY enables online logging (offline otherwise; --config.wandb.mode=disabled turns it off).
 TEMPFLOW_GENEVAL_REWARD_URL, TEMPFLOW_DEQA_REWARD_URL, TEMPFLOW_QWENVL_REWARD_URL and
 TEMPFLOW_UNIFIEDREWARD_URL point the service-backed rewards at their servers (or override
@@ -66,7 +71,7 @@ need_value() {  # <flag> <number of remaining args> <next arg>
 
 profile=base sampler=default reward=pickscore loss=ppo reweight=base
 num_processes="" main_process_port="" accelerate_config="" model="" output_dir=""
-tiny=0 dry_run=0
+tiny=0 cpu=0 dry_run=0
 trainer_args=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -80,7 +85,8 @@ while [[ $# -gt 0 ]]; do
     --accelerate-config) need_value "$1" $# "${2:-}"; accelerate_config="$2"; shift 2 ;;
     --model) need_value "$1" $# "${2:-}"; model="$2"; shift 2 ;;
     --output-dir) need_value "$1" $# "${2:-}"; output_dir="$2"; shift 2 ;;
-    --tiny) tiny=1; shift ;;
+    --tiny) tiny=1; cpu=1; shift ;;
+    --cpu) cpu=1; shift ;;
     --dry-run) dry_run=1; shift ;;
     --list)
       printf 'profiles: %s\nsamplers: %s\nrewards: %s\nlosses: %s\nreweights: %s\n' \
@@ -110,6 +116,8 @@ main_process_port="${main_process_port:-$default_port}"
 
 PYTHON="${PYTHON:-python3}"
 ACCELERATE="${ACCELERATE:-accelerate}"
+# torchrun from $PYTHON's environment unless named: the one whose torch the trainer imports
+if [[ -n "${TORCHRUN:-}" ]]; then torchrun=("$TORCHRUN"); else torchrun=("$PYTHON" -m torch.distributed.run); fi
 export PYTHONPATH="$COMPONENT_ROOT${PYTHONPATH:+:$PYTHONPATH}"  # the trainers import sd35zo
 
 config_id="sd3.${profile}.${sampler}.${reward}.${loss}.${reweight}"
@@ -124,9 +132,19 @@ fi
 [[ -n "$model" ]] && overrides+=("--config.pretrained.model=${model}")
 [[ -n "$output_dir" ]] && overrides+=("--config.save_dir=${output_dir}")
 
-launch=("$ACCELERATE" launch --num_machines 1 --num_processes "$num_processes" --main_process_port "$main_process_port")
-[[ -n "$accelerate_config" ]] && launch+=(--config_file "$accelerate_config")
-[[ "$tiny" == 1 ]] && launch+=(--cpu)
+if [[ "$cpu" == 1 && "$num_processes" -gt 1 ]]; then
+  # `accelerate launch --cpu` ignores --num_processes (its CPU path is single-process). torchrun starts
+  # the N ranks; the trainer's Accelerator() reads torchrun's RANK/WORLD_SIZE, and ACCELERATE_USE_CPU
+  # keeps it off any GPU and on gloo. `env` makes the printed --dry-run line the exact command run.
+  [[ -z "$accelerate_config" ]] \
+    || die_usage "--accelerate-config does not apply to CPU runs on $num_processes processes (they use torchrun)"
+  launch=(env ACCELERATE_USE_CPU=true "${torchrun[@]}" --nnodes 1 --nproc_per_node "$num_processes"
+          --master_port "$main_process_port")
+else
+  launch=("$ACCELERATE" launch --num_machines 1 --num_processes "$num_processes" --main_process_port "$main_process_port")
+  [[ -n "$accelerate_config" ]] && launch+=(--config_file "$accelerate_config")
+  [[ "$cpu" == 1 ]] && launch+=(--cpu)
+fi
 command=("${launch[@]}" "$train_script" --config "$config_target" ${overrides[@]+"${overrides[@]}"}
          ${trainer_args[@]+"${trainer_args[@]}"})
 
