@@ -20,6 +20,9 @@ CATALOGUE: dict[str, str] = {
     "jpeg_incompressibility": "jpeg:JpegIncompressibilityReward",
     "ocr": "ocr:OCRReward",
     "geneval": "geneval.client:GenEvalReward",
+    "deqa": "deqa:DeQAReward",
+    "unifiedreward": "unifiedreward:UnifiedRewardReward",
+    "qwenvl": "qwenvl:QwenVLReward",
 }
 
 _BASE_ARGS = ("self", "device", "dtype")
