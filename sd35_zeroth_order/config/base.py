@@ -45,6 +45,9 @@ def get_config():
         "use_ode_kl_anchor": False,
         "lora_path": placeholder(str),  # warm-start LoRA directory; None = fresh adapter
         "ema": False,
+        # ours: True = move the EMA once per optimizer step; False = upstream's cadence (once per training
+        # batch in train_sd3.py, once per microbatch in train_sd3_pr.py, spec §7.3)
+        "ema_once_per_step": False,
         "loss_type": "ppo",
         "reweight_type": "base",
     }

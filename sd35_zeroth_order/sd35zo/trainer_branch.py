@@ -2,222 +2,48 @@
 
     per epoch e:   sample (branch rollouts) -> score -> advantages (seed|t groups) -> update -> log/eval/checkpoint
 
-Everything it computes comes from the modules beside it: `sampling_branch` (rollouts), `rewards`
-(shared_rewards mix), `advantages` (group normaliser across ranks), `rsm_loss` / `ppo_loss` (per-row
-objectives, reweights from `weighting`), `kl` (reference and ODE-anchor KL), `ema`, `prompt_samplers`.
-
-Differences from upstream, on purpose (spec §7.10): runs on one process (no DDP `.module` needed: the
-transformer is never wrapped; gradients are all-reduced explicitly before each optimizer step), wandb is
-optional and a JSONL of metrics is always written, checkpoints carry the full training state and resume
-exactly, the last epoch is always evaluated and saved, v_old is stored in the embedding dtype (fp32 with
-fp32 embeddings), and every random draw comes from a generator seeded by (seed, rank, epoch, rollout), so a
-resumed run repeats the uninterrupted one bit for bit on CPU.
-
-Epoch numbering: `checkpoint-<n>` and evaluation "at epoch n" describe the policy after n trained epochs.
+What is particular to branching lives here: rollouts (`sampling_branch`), `seed|t` grouping of the
+advantages, row masks, exploration weights k̄/k and the padding of rows into microbatches (spec §4.6). The
+row loss (`rsm_loss` / `ppo_loss` + KL), set-up, evaluation and checkpoints are `trainer_common`'s, shared
+with the default trainer.
 """
 from __future__ import annotations
 
-import json
-import logging
 import math
-import os
-import random
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Optional
 
-import numpy as np
 import torch
 
-from . import config_check
 from .advantages import (gather_group_advantages, grouping_labels, mean_group_size, mean_group_std,
                          rollout_seed_ids, zero_std_ratio)
-from .ema import ParameterEMA
-from .embeddings import PrecomputedEmbeddingDataset, read_negative
-from .kl import anchor_kl, sde_kl_rows
-from .ppo_loss import ppo_row_loss
 from .prompt_samplers import BranchPromptSampler, branch_counter
-from .rewards import build_reward, submit_scores
-from .rsm_loss import matching_row_loss
-from .sampling import decode_latents, initial_latents, make_cfg_velocity, sample_ode
+from .rewards import submit_scores
+from .sampling import decode_latents, initial_latents
 from .sampling_branch import exploration_weights, mean_active_k, sample_branches
-from .sde import flow_sigmas, sde_mean, sde_step_with_logprob, step_sigmas
+from .trainer_common import (IMAGE_LOG_EVERY, Run, add_lora, collate, ema_step, gathered_reward_means, log_step_means,
+                             finish_epoch, load_checkpoint, optimizer_step, policy_velocity, rows_loss,
+                             save_checkpoint, seeded_generator, setup as setup_common)
 
-logger = logging.getLogger("sd35zo.trainer_branch")
-
-# Spec §7.1 step 5: LoRA on the joint-attention projections of every MM-DiT block (not SD3.5's attn2).
-LORA_TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
-                "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"]
-LORA_RANK, LORA_ALPHA = 32, 64  # upstream train_sd3*.py LoraConfig
-STATE_FILE = "training_state.pt"
+__all__ = ["setup", "train", "add_lora", "save_checkpoint", "load_checkpoint"]
 
 
-# ------------------------------------------------------------------------------------------------ set-up
-
-@dataclass
-class Run:
-    """What the loop needs, built once by `setup`."""
-    config: object
-    accelerator: object
-    budget: config_check.Budget
-    transformer: torch.nn.Module
-    vae: torch.nn.Module
-    params: list
-    optimizer: torch.optim.Optimizer
-    ema: Optional[ParameterEMA]
-    train_set: PrecomputedEmbeddingDataset
-    test_set: Optional[PrecomputedEmbeddingDataset]
-    negative: tuple
-    sampler: BranchPromptSampler
-    reward: object
-    eval_reward: object
-    sigmas: torch.Tensor
-    schedule: list
-    run_dir: str
-    logger: "MetricLogger"
-    epoch: int = 0
-    global_step: int = 0
-    seen_prompts: set = field(default_factory=set)
-    updates_this_epoch: int = 0
+def _branch_sampler(config, num_prompts, accelerator):
+    return BranchPromptSampler(num_prompts, config.sample.collection_batch_size, config.sample.num_image_per_prompt,
+                               accelerator.num_processes, accelerator.process_index, seed=config.seed)
 
 
-def _generator(*keys, device="cpu") -> torch.Generator:
-    """A generator on `device` seeded from integers (seed, rank, epoch, ...): explicit, resumable randomness.
-    Noise is drawn on the device it is used on (torch needs the generator there)."""
-    seed = 0
-    for key in keys:
-        seed = (seed * 1_000_003 + int(key)) % (2**63 - 1)
-    return torch.Generator(device=device).manual_seed(seed)
-
-
-def add_lora(transformer):
-    from peft import LoraConfig
-
-    transformer.requires_grad_(False)
-    transformer.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, init_lora_weights="gaussian",
-                                       target_modules=LORA_TARGETS))
-    return [p for p in transformer.parameters() if p.requires_grad]
-
-
-def load_lora_weights_into(transformer, lora_dir: str) -> None:
-    """Load a `save_lora_weights` directory (ours or any diffusers SD3 LoRA) into the existing adapter."""
-    from diffusers import StableDiffusion3Pipeline
-    from peft import set_peft_model_state_dict
-
-    state = StableDiffusion3Pipeline.lora_state_dict(lora_dir)
-    prefix = "transformer."
-    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    result = set_peft_model_state_dict(transformer, state, adapter_name="default")
-    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
-    if missing:
-        raise ValueError(f"{lora_dir}: LoRA weights miss {len(missing)} adapter tensors, e.g. {missing[0]}")
+def _branch_eval_kl_weights(schedule):
+    """The eval KL probe visits the branching steps (k_j > 0), weighted k̄/k_j (spec §8.1)."""
+    k_bar = mean_active_k(schedule)
+    return [k_bar / k if k > 0 else 0.0 for k in schedule]
 
 
 def setup(config, accelerator) -> Run:
-    from diffusers import AutoencoderKL, SD3Transformer2DModel
-
-    budget = config_check.finalize(config, accelerator.num_processes)
-    if not config_check.is_branch(config):
-        raise config_check.ConfigError("sample.sampling_mode must be 'sde_branching' for train_sd3_pr.py "
-                                       "(use scripts/train_sd3.py for the default sampler)")
-    device = accelerator.device
-    torch.manual_seed(config.seed)  # the LoRA init draws: identical on every rank (nothing broadcasts them)
-    if config.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-
-    run_name = config.run_name or time.strftime("%Y.%m.%d_%H.%M.%S")
-    run_dir = os.path.join(config_check.run_path(config.save_dir), run_name)
-    metric_logger = MetricLogger(run_dir, config, accelerator.is_main_process)
-
-    model = config.pretrained.model
-    transformer = SD3Transformer2DModel.from_pretrained(model, subfolder="transformer").to(device)
-    vae = AutoencoderKL.from_pretrained(model, subfolder="vae").to(device).requires_grad_(False)
-    if not config.use_lora:
-        raise config_check.ConfigError("use_lora=False is not supported: the trainer optimises a LoRA adapter")
-    params = add_lora(transformer)
-    if config.train.lora_path:
-        load_lora_weights_into(transformer, config_check.run_path(config.train.lora_path))
-    if config.activation_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    for p in params:
-        p.data = p.data.float()  # LoRA weights and optimizer state stay fp32 (spec §7.2)
-    optimizer = torch.optim.AdamW(params, lr=config.train.learning_rate,
-                                  betas=(config.train.adam_beta1, config.train.adam_beta2),
-                                  weight_decay=config.train.adam_weight_decay, eps=config.train.adam_epsilon)
-    ema = ParameterEMA(params) if config.train.ema else None
-
-    train_set = PrecomputedEmbeddingDataset(config.train_hdf5_path, config.train_prompt_file_path)
-    test_set = (PrecomputedEmbeddingDataset(config.test_hdf5_path, config.test_prompt_file_path)
-                if config.test_hdf5_path and config.test_prompt_file_path else None)
-    negative = tuple(t.to(device) for t in read_negative(config.train_hdf5_path, 1))  # [1,S,D], [1,Dp]
-    sampler = BranchPromptSampler(len(train_set), config.sample.collection_batch_size,
-                                  config.sample.num_image_per_prompt, accelerator.num_processes,
-                                  accelerator.process_index, seed=config.seed)
-    reward = build_reward(config, device)
-    sigmas = flow_sigmas(config.sample.num_steps).to(device)  # [N+1]
-    schedule = config_check.training_schedule(config)  # [T] k_i of the trained steps
-    run = Run(config, accelerator, budget, transformer, vae, params, optimizer, ema, train_set, test_set,
-              negative, sampler, reward, build_reward(config, device, for_eval=True), sigmas, list(schedule), run_dir, metric_logger)
-    if config.resume_from:
-        load_checkpoint(run, config_check.run_path(config.resume_from))
-    logger.info("budget: %s", budget.summary())
-    return run
-
-
-# ------------------------------------------------------------------------------------------------ logging
-
-class MetricLogger:
-    """Every logged dict goes to `<run_dir>/metrics.jsonl` (main process) and, if enabled, to wandb."""
-
-    def __init__(self, run_dir: str, config, is_main: bool):
-        self.is_main = is_main
-        self.path = os.path.join(run_dir, "metrics.jsonl")
-        self.wandb = None
-        if not is_main:
-            return
-        os.makedirs(run_dir, exist_ok=True)
-        mode = config.wandb.mode
-        if mode == "auto":
-            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-        if mode != "disabled":
-            try:
-                import wandb
-            except ImportError:
-                logger.warning("wandb is not installed; metrics go to %s only", self.path)
-            else:
-                self.wandb = wandb.init(project=config.wandb.project, mode=mode, dir=run_dir,
-                                        name=os.path.basename(run_dir), config=config.to_dict())
-
-    def log(self, metrics: dict, step: int) -> None:
-        if not self.is_main:
-            return
-        clean = {k: (float(v) if isinstance(v, (torch.Tensor, np.floating, float)) else v) for k, v in metrics.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **clean}) + "\n")
-        if self.wandb is not None:
-            self.wandb.log(clean, step=step)
+    return setup_common(config, accelerator, "sde_branching", _branch_sampler, _branch_eval_kl_weights)
 
 
 # ------------------------------------------------------------------------------------------------ phases
-
-def policy_velocity(run: Run, embeds: torch.Tensor, pooled: torch.Tensor):
-    """The guided velocity of the current policy for these prompts, under the Accelerator's autocast (fp16 on
-    the paper's GPUs, a no-op in fp32). Embeddings are taken in fp32, so v_old is stored in fp32 and Δ is
-    exactly 0 on-policy (upstream stored fp16, spec §7.2)."""
-    velocity = make_cfg_velocity(run.transformer, embeds.float(), pooled.float(), run.negative[0].float(),
-                                 run.negative[1].float(), run.config.sample.guidance_scale)
-
-    def autocast_velocity(x, t, rows):
-        with run.accelerator.autocast():
-            return velocity(x, t, rows).float()
-
-    return autocast_velocity
-
-
-def _collate(dataset, indices):
-    return dataset.collate_fn([dataset[i] for i in indices])
-
 
 def sample_epoch(run: Run, epoch: int) -> dict:
     """Phase 1+2: `num_batches_per_epoch` branch rollouts on this rank, rewards submitted as they finish."""
@@ -232,12 +58,12 @@ def sample_epoch(run: Run, epoch: int) -> dict:
     run.transformer.eval()
     for b in range(run.budget.rollouts_per_epoch):
         counter = branch_counter(epoch, b, run.budget.rollouts_per_epoch)
-        batch = _collate(run.train_set, run.sampler.batch_for(counter))
+        batch = collate(run.train_set, run.sampler.batch_for(counter))
         run.sampler.set_counter(counter + 1)
         embeds = batch["prompt_embeds"].to(device)  # [B, S, D]
         pooled = batch["pooled_prompt_embeds"].to(device)  # [B, Dp]
         velocity = policy_velocity(run, embeds, pooled)
-        gen = _generator(config.seed, rank, epoch, b, device=device)
+        gen = seeded_generator(config.seed, rank, epoch, b, device=device)
         x0 = initial_latents(embeds.shape[0], config.resolution, generator=gen, device=device)  # [B, C, h, w]
         rows = sample_branches(velocity, x0, run.sigmas, list(config.sample.exploration_k),
                                latent_chunk_size=config.latent_chunk_size, noise_level=config.sample.noise_level,
@@ -254,6 +80,8 @@ def sample_epoch(run: Run, epoch: int) -> dict:
         prompts = [batch["prompts"][s] for s in sample_of_row]
         metadata = [batch["metadatas"][s] for s in sample_of_row]
         futures.append(submit_scores(pool, run.reward, images, prompts, metadata))
+        if b == 0:
+            first = (images, prompts)  # the training images logged every IMAGE_LOG_EVERY epochs (spec §7.7)
         seeds = rollout_seed_ids(batch["prompts"], counter, rank)  # [B]
         rollouts.append((rows, embeds, pooled))
         row_meta.append((prompts, seeds[rows.row_sample_idx.cpu()]))
@@ -262,7 +90,7 @@ def sample_epoch(run: Run, epoch: int) -> dict:
     scores = [f.result() for f in futures]
     pool.shutdown()
     stats["reward_wait_time"] = time.time() - sampled_at  # scoring that did not overlap with sampling
-    return {"rollouts": rollouts, "scores": scores, "meta": row_meta, "stats": stats}
+    return {"rollouts": rollouts, "scores": scores, "meta": row_meta, "stats": stats, "first_rollout": first}
 
 
 def build_rows(run: Run, sampled: dict) -> tuple[dict, dict, dict]:
@@ -312,12 +140,7 @@ def compute_advantages(run: Run, sampled: dict, epoch: int) -> tuple[torch.Tenso
                "zero_std_ratio": zero_std_ratio(gathered.all_rewards, gathered.all_labels),
                "reward_std_mean": mean_group_std(gathered.all_rewards, gathered.all_labels),
                "trained_prompt_num": len(run.seen_prompts)}
-    for key, value in rewards.items():
-        if "_accuracy" not in key:  # per-tag accuracies are eval metrics (spec §7.7)
-            every = run.accelerator.gather(value.to(run.accelerator.device))
-            every = every[every != -10.0]  # GenEval's filler for rows a metric does not apply to
-            metrics[f"reward_{key}"] = every.mean().item() if every.numel() else float("nan")
-    metrics["reward_ori_avg"] = metrics["reward_avg"]
+    metrics.update(gathered_reward_means(run, rewards))
     return gathered.local, metrics
 
 
@@ -338,94 +161,6 @@ def pad_to_microbatches(run: Run, num_rows: int, advantages: torch.Tensor):
     return index, mask
 
 
-def microbatch_loss(run: Run, table: dict, anchors: dict, prompts: dict, idx: torch.Tensor, anchor_idx: torch.Tensor,
-                    adv: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor):
-    """Policy + beta·(SDE KL + anchor KL) of one microbatch: rows `idx` `[U]` of `table` with their
-    advantage, mask and exploration weight `[U]` each (spec §4.2-4.4, §4.6)."""
-    config, device = run.config, run.accelerator.device
-    noise_level, sigma_max = config.sample.noise_level, float(run.sigmas[1])
-    get = lambda key: table[key][idx.to(table[key].device)]  # noqa: E731
-    x, t = get("latents"), get("timesteps")  # [U, C, h, w], [U]
-    sigma, sigma_next = step_sigmas(run.sigmas, t)  # [U] each
-    h = sigma - sigma_next
-    rows = torch.arange(idx.shape[0], device=device)
-
-    def velocity_fn(samples):  # the policy's velocity for rows of these samples' prompts
-        return policy_velocity(run, prompts["prompt_embeds"][samples], prompts["pooled"][samples])
-
-    v = velocity_fn(get("sample"))(x, t, rows)  # [U, C, h, w] with grad
-    mean, tilde = sde_mean(v, x, sigma, sigma_next, noise_level, sigma_max)
-    tilde = tilde.reshape(-1)  # [U]
-    adv = adv.to(device)
-    m = mask.to(device).to(torch.float32)
-    w = m * weight.to(device)  # mask·k̄/k
-    count = m.sum().clamp(min=1.0)
-    if config.train.loss_type == "matching":
-        row_loss, diag = matching_row_loss(v, get("v_old"), get("noises"), adv, sigma=sigma, h=h, sigma_tilde=tilde,
-                                           reweight=config.train.reweight_type, clip_range=config.train.clip_range)
-    else:
-        log_prob = sde_step_with_logprob(v, sigma, sigma_next, x, noise_level=noise_level,
-                                         prev_sample=get("next_latents"), sigma_max=sigma_max).log_prob
-        old_mean = get("mean_old") if "mean_old" in table else None
-        row_loss, diag = ppo_row_loss(log_prob, get("log_probs"), adv, sigma=sigma, h=h, sigma_tilde=tilde,
-                                      reweight=config.train.reweight_type, clip_range=config.train.clip_range,
-                                      mean=mean, old_mean=old_mean)
-    policy = (row_loss * w).sum() / count
-    loss = policy
-    stats = {k: v.item() for k, v in diag.summary(m).items()}
-    stats["policy_loss"] = policy.item()
-    for step_t in torch.unique(t).tolist():  # masked per-timestep clip fractions (spec §7.7)
-        at = m * (t == step_t).to(m.dtype)
-        stats[f"clipfrac_timestep_{int(step_t)}"] = ((diag.clipped.to(m.dtype) * at).sum() / at.sum().clamp(min=1)).item()
-    if config.train.beta > 0:
-        heuristic = config.train.heuristic_kldenom_trick
-        mean_ref = _reference_mean(run, velocity_fn(get("sample")), x, t, rows, sigma,
-                                   sigma_next)
-        kl_sde = (sde_kl_rows(mean, mean_ref, h=h, sigma_tilde=tilde, heuristic=heuristic) * w).sum() / count
-        kl_total = kl_sde
-        stats["kl_loss"] = kl_sde.item()
-        if anchors and anchor_idx.numel():
-            ax, at_ = anchors["latents"][anchor_idx], anchors["timesteps"][anchor_idx]
-            a_sigma, a_next = step_sigmas(run.sigmas, at_)
-            a_rows = torch.arange(anchor_idx.shape[0], device=device)
-            a_vel = velocity_fn(anchors["sample"][anchor_idx])
-            a_mean, a_tilde = sde_mean(a_vel(ax, at_, a_rows), ax, a_sigma, a_next, noise_level, sigma_max)
-            a_ref = _reference_mean(run, a_vel, ax, at_, a_rows, a_sigma, a_next)
-            kl_anchor = anchor_kl(a_mean, a_ref, h=a_sigma - a_next, sigma_tilde=a_tilde.reshape(-1),
-                                  k_bar=mean_active_k(run.schedule), heuristic=heuristic)
-            kl_total = kl_total + kl_anchor
-            stats["kl_anchor_loss"] = kl_anchor.item()
-        loss = loss + config.train.beta * kl_total
-    stats["loss"] = loss.item()
-    return loss, stats
-
-
-@torch.no_grad()
-def _reference_mean(run: Run, velocity, x, t, rows, sigma, sigma_next, sigmas=None):
-    """μ_ref: the same SDE-step mean with the LoRA adapter switched off (the frozen base model).
-    `sigmas`: the schedule the step belongs to (the training one unless given), for σ̃ at σ = 1."""
-    run.transformer.disable_adapters()
-    try:
-        v_ref = velocity(x, t, rows)
-    finally:
-        run.transformer.enable_adapters()
-    sigma_max = float((run.sigmas if sigmas is None else sigmas)[1])
-    return sde_mean(v_ref, x, sigma, sigma_next, run.config.sample.noise_level, sigma_max)[0]
-
-
-def _sync_gradients(run: Run) -> None:
-    """Average gradients over processes (what DDP would do; explicit so a 1-process run needs no wrapper)."""
-    if run.accelerator.num_processes == 1:
-        return
-    import torch.distributed as dist
-
-    for p in run.params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
-        p.grad /= run.accelerator.num_processes
-
-
 def update(run: Run, table: dict, anchors: dict, prompts: dict, advantages: torch.Tensor, epoch: int) -> None:
     """Phase 4: `num_inner_epochs` passes over shuffled microbatches; exactly `updates_per_epoch` optimizer
     steps per pass, each accumulating `gradient_accumulation` microbatches (spec §4.6)."""
@@ -442,192 +177,26 @@ def update(run: Run, table: dict, anchors: dict, prompts: dict, advantages: torc
                     "expected_microbatches_per_epoch": budget.microbatches_per_epoch}, run.global_step)
     run.transformer.train()
     for inner in range(config.train.num_inner_epochs):
-        gen = _generator(config.seed, run.accelerator.process_index, epoch, inner, 7)
+        gen = seeded_generator(config.seed, run.accelerator.process_index, epoch, inner, 7)
         order = torch.randperm(len(index), generator=gen)  # positions into the padded list
         num_anchor = anchors["latents"].shape[0] if anchors else 0
         anchor_chunks = torch.randperm(num_anchor, generator=gen).tensor_split(budget.microbatches_per_epoch)
         steps_before, window = run.global_step, []
         for j in range(budget.microbatches_per_epoch):
             pos = order[j * unit:(j + 1) * unit]
-            loss, stats = microbatch_loss(run, table, anchors, prompts, index[pos], anchor_chunks[j], adv[pos], mask[pos],
+            loss, stats = rows_loss(run, table, anchors, prompts, index[pos], anchor_chunks[j], adv[pos], mask[pos],
                                           weight[pos])
             (loss / accum).backward()
             window.append(stats)
             if (j + 1) % accum == 0:
-                _sync_gradients(run)
-                torch.nn.utils.clip_grad_norm_(run.params, config.train.max_grad_norm)
-                run.optimizer.step()
-                run.optimizer.zero_grad(set_to_none=True)
-                run.global_step += 1
-                keys = sorted({k for s in window for k in s})
-                means = {k: float(np.mean([s.get(k, 0.0) for s in window])) for k in keys}
-                means = {k: _mean_over_processes(run, v) for k, v in means.items()}
-                run.logger.log({**means, "epoch": epoch + 1, "inner_epoch": inner}, run.global_step)
+                optimizer_step(run)
+                log_step_means(run, window, epoch=epoch + 1, inner_epoch=inner)
                 window = []
-            if run.ema is not None:
-                run.ema.step(run.params, run.global_step)  # after every microbatch, as upstream (spec §7.3)
+            ema_step(run)  # after every microbatch, as upstream (spec §7.3), unless train.ema_once_per_step
         run.updates_this_epoch += run.global_step - steps_before
         if run.global_step - steps_before != budget.updates_per_epoch:
             raise RuntimeError(f"inner epoch took {run.global_step - steps_before} optimizer steps, "
                                f"expected train.updates_per_epoch={budget.updates_per_epoch}")
-
-
-def peak_memory(device) -> dict:
-    """Peak memory so far: CUDA allocator peak on a GPU, the process's peak resident set on a CPU (MiB)."""
-    if torch.device(device).type == "cuda":
-        return {"peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20, "peak_memory_kind": "cuda_allocated"}
-    import resource
-
-    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return {"peak_memory_mib": rss_kib / 1024, "peak_memory_kind": "cpu_max_rss"}
-
-
-def _mean_over_processes(run: Run, value: float) -> float:
-    if run.accelerator.num_processes == 1:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=run.accelerator.device)
-    return run.accelerator.reduce(tensor, reduction="mean").item()
-
-
-# ------------------------------------------------------------------------------------------------ eval
-
-@torch.no_grad()
-def evaluate(run: Run, epoch: int) -> dict:
-    """Deterministic ODE sampling (`sample.eval_num_steps`) of this rank's share of the test prompts,
-    rewards averaged over every process (spec §3.6, §7.6); EMA weights when train.ema. The test set is
-    split without padding, so no prompt is counted twice."""
-    if run.test_set is None:
-        return {}
-    config, acc = run.config, run.accelerator
-    if run.ema is not None:
-        run.ema.copy_ema_to(run.params, store_temp=True)
-    run.transformer.eval()
-    try:
-        sigmas = flow_sigmas(config.sample.eval_num_steps).to(acc.device)
-        mine = list(range(acc.process_index, len(run.test_set), acc.num_processes))
-        sums, counts = {}, {}
-        kl_sum, kl_count = 0.0, 0
-        for start in range(0, len(mine), config.sample.test_batch_size):
-            indices = mine[start:start + config.sample.test_batch_size]
-            batch = _collate(run.test_set, indices)
-            embeds = batch["prompt_embeds"].to(acc.device)
-            velocity = policy_velocity(run, embeds, batch["pooled_prompt_embeds"].to(acc.device))
-            visited = []  # (x_j, t_j, v_j) of every ODE step, for the KL probe
-
-            def recording_velocity(x, t, rows):
-                v = velocity(x, t, rows)
-                visited.append((x, t, rows, v))
-                return v
-
-            gen = _generator(config.seed, 1_000_000 + indices[0], device=acc.device)  # same noise at every eval
-            x0 = initial_latents(len(indices), config.resolution, generator=gen, device=acc.device)
-            final = sample_ode(recording_velocity, x0, sigmas)
-            images = decode_latents(run.vae, final, chunk_size=config.latent_chunk_size)
-            kl_sum, kl_count = _eval_kl_probe(run, velocity, visited, sigmas, kl_sum, kl_count)
-            scores = submit_scores(None, run.eval_reward, images, batch["prompts"], batch["metadatas"]).result()
-            for key, value in scores.items():
-                keep = value != -10.0  # upstream's filler for rows a GenEval tag does not apply to
-                sums[key] = sums.get(key, 0.0) + float(value[keep].sum())
-                counts[key] = counts.get(key, 0) + int(keep.sum())
-    finally:
-        if run.ema is not None:
-            run.ema.copy_temp_to(run.params)
-    metrics = {"eval_epoch": epoch, "eval_global_step": run.global_step}
-    kl = torch.tensor([kl_sum, kl_count], dtype=torch.float64, device=acc.device)
-    kl = acc.reduce(kl, reduction="sum") if acc.num_processes > 1 else kl
-    metrics["eval_kl_divergence"] = (kl[0] / kl[1]).item() if kl[1] > 0 else float("nan")
-    for key in sorted(sums):
-        pair = torch.tensor([sums[key], counts[key]], dtype=torch.float64, device=acc.device)
-        pair = acc.reduce(pair, reduction="sum") if acc.num_processes > 1 else pair
-        metrics[f"eval_reward_{key}"] = (pair[0] / pair[1]).item() if pair[1] > 0 else float("nan")
-    return metrics
-
-
-def _eval_kl_probe(run: Run, velocity, visited, sigmas, kl_sum: float, kl_count: int):
-    """KL(policy || reference) of one SDE step at the eval trajectory's states x_j, for the training
-    schedule's branching steps j (k_j > 0, j < T), weighted k̄/k_j, exact denominator σ̃²h of the eval
-    schedule (spec §7.6 step 2; upstream's indices, which on a 40-step trajectory probe its first steps).
-    Returns the running (sum over rows, row count)."""
-    k_bar = mean_active_k(run.schedule)
-    for j, k in enumerate(run.schedule[:len(visited)]):
-        if k == 0:
-            continue
-        x, t, rows, v = visited[j]
-        sigma, sigma_next = sigmas[j].expand(x.shape[0]), sigmas[j + 1].expand(x.shape[0])  # [b] each
-        mean, tilde = sde_mean(v, x, sigma, sigma_next, run.config.sample.noise_level, float(sigmas[1]))
-        mean_ref = _reference_mean(run, velocity, x, t, rows, sigma, sigma_next, sigmas)
-        kl = sde_kl_rows(mean, mean_ref, h=sigma - sigma_next, sigma_tilde=tilde.reshape(-1)) * (k_bar / k)  # [b]
-        kl_sum += float(kl.sum())
-        kl_count += int(kl.numel())
-    return kl_sum, kl_count
-
-
-# ------------------------------------------------------------------------------------------------ checkpoints
-
-def save_checkpoint(run: Run, epoch: int) -> str:
-    """`checkpoint-<epoch>/lora/` (diffusers `save_lora_weights`, EMA weights when train.ema) and
-    `training_state.pt` (live LoRA, optimizer, EMA, RNG, counters): everything `load_checkpoint` needs."""
-    from diffusers import StableDiffusion3Pipeline
-    from peft.utils import get_peft_model_state_dict
-
-    path = os.path.join(run.run_dir, "checkpoints", f"checkpoint-{epoch}")
-    _check_replicas_agree(run)
-    if run.accelerator.is_main_process:
-        os.makedirs(path, exist_ok=True)
-        if run.ema is not None:
-            run.ema.copy_ema_to(run.params, store_temp=True)
-        try:
-            lora = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(run.transformer).items()}
-            StableDiffusion3Pipeline.save_lora_weights(os.path.join(path, "lora"), transformer_lora_layers=lora)
-        finally:
-            if run.ema is not None:
-                run.ema.copy_temp_to(run.params)
-        state = {
-            "epoch": epoch, "global_step": run.global_step,
-            "params": [p.detach().cpu().clone() for p in run.params],
-            "optimizer": run.optimizer.state_dict(),
-            "ema": run.ema.state_dict() if run.ema is not None else None,
-            "sampler": run.sampler.state_dict(), "seen_prompts": sorted(run.seen_prompts),
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
-        }
-        tmp = os.path.join(path, STATE_FILE + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, os.path.join(path, STATE_FILE))  # a half-written state never loads
-    run.accelerator.wait_for_everyone()
-    return path
-
-
-def _check_replicas_agree(run: Run) -> None:
-    """Every rank must hold the same LoRA weights (same init, averaged gradients): rank 0 saves for all."""
-    if run.accelerator.num_processes == 1:
-        return
-    local = torch.stack([p.detach().double().sum() for p in run.params]).to(run.accelerator.device)  # [n]
-    spread = run.accelerator.reduce(local, reduction="sum") / run.accelerator.num_processes - local
-    if bool(spread.abs().max() > 0):
-        raise RuntimeError("LoRA weights differ between processes; gradients were not averaged identically")
-
-
-def load_checkpoint(run: Run, path: str) -> None:
-    """Restore everything `save_checkpoint` wrote; training continues with epoch `state["epoch"]`."""
-    state_path = os.path.join(path, STATE_FILE)
-    if not os.path.isfile(state_path):
-        raise FileNotFoundError(f"resume_from={path!r}: no {STATE_FILE} there (expected a checkpoint-<n> directory)")
-    state = torch.load(state_path, map_location="cpu", weights_only=False)
-    if len(state["params"]) != len(run.params):
-        raise ValueError(f"{state_path}: {len(state['params'])} LoRA tensors, this model has {len(run.params)}")
-    with torch.no_grad():
-        for p, saved in zip(run.params, state["params"]):
-            p.copy_(saved.to(p.device))
-    run.optimizer.load_state_dict(state["optimizer"])
-    if run.ema is not None and state["ema"] is not None:
-        run.ema.load_state_dict(state["ema"])
-    run.sampler.load_state_dict(state["sampler"])
-    run.seen_prompts = set(state["seen_prompts"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    torch.set_rng_state(state["rng"]["torch"])
-    run.epoch, run.global_step = int(state["epoch"]), int(state["global_step"])
-    logger.info("resumed from %s at epoch %d, step %d", path, run.epoch, run.global_step)
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -647,27 +216,18 @@ def train(config, accelerator) -> Run:
         sample_time = time.time() - started - stats["reward_wait_time"]
         advantages, adv_metrics = compute_advantages(run, sampled, epoch)   # advantages
         run.logger.log(adv_metrics, run.global_step)
+        if epoch % IMAGE_LOG_EVERY == 0:
+            images, prompts = sampled["first_rollout"]
+            rewards = sampled["scores"][0]["avg"].tolist()
+            run.logger.log_images(images, [f"{p[:100]} | avg: {r:.2f}" for p, r in zip(prompts, rewards)], epoch)
         table, anchors, prompts = build_rows(run, sampled)
         del sampled
         run.updates_this_epoch = 0
         update_started = time.time()
         update(run, table, anchors, prompts, advantages, epoch)                       # update
-        run.epoch = epoch + 1
-        run.logger.log({"epoch": run.epoch, "time_per_epoch": time.time() - started,
-                        "sample_time_per_epoch": sample_time,
-                        "reward_wait_time_per_epoch": stats["reward_wait_time"],
-                        "train_time_per_epoch": time.time() - update_started,
-                        **peak_memory(run.accelerator.device),
-                        "optimizer_updates_this_epoch": run.updates_this_epoch,
-                        "optimizer_updates_target_per_epoch": run.budget.updates_per_epoch * config.train.num_inner_epochs},
-                       run.global_step)
-        last = run.epoch == config.num_epochs
-        if last or run.epoch % config.eval_freq == 0:                        # eval
-            eval_started = time.time()
-            metrics = evaluate(run, run.epoch)
-            run.logger.log({**metrics, "eval_time": time.time() - eval_started}, run.global_step)
-        if last or run.epoch % config.save_freq == 0:                        # checkpoint
-            path = save_checkpoint(run, run.epoch)
-            run.logger.log({"checkpoint_epoch": run.epoch, "checkpoint_global_step": run.global_step,
-                            "checkpoint_path": path}, run.global_step)
+        finish_epoch(run, epoch, {"time_per_epoch": time.time() - started, "sample_time_per_epoch": sample_time,
+                                  "reward_wait_time_per_epoch": stats["reward_wait_time"],
+                                  "train_time_per_epoch": time.time() - update_started,
+                                  "optimizer_updates_target_per_epoch":
+                                      run.budget.updates_per_epoch * config.train.num_inner_epochs})
     return run

@@ -74,7 +74,7 @@ PAPER_VALUES = {
     "train.updates_per_epoch": 2,
 }
 # Keys we add for what upstream hard-coded (spec §7.10); everything else must be one of the spec's keys.
-OUR_KEYS = {"reference_world_size", "world_size", "wandb.mode", "wandb.project",
+OUR_KEYS = {"reference_world_size", "train.ema_once_per_step", "world_size", "wandb.mode", "wandb.project",
             "reward_options.geneval.url", "reward_options.geneval.only_strict", "reward_options.pickscore.divisor"}
 
 

@@ -1,0 +1,158 @@
+"""The default (Flow-GRPO) trainer: scripts/train_sd3.py + sd35zo/trainer_default.py, CPU, fp32, tiny kit.
+
+The baseline command (`run_sd3.sh --sampler default --loss ppo --reweight base`) and its RSM counterpart
+(`--loss matching`) train, evaluate and checkpoint; a resumed run repeats the uninterrupted one; sample
+selection follows spec §4.7 with the zero-advantage fixes documented in trainer_default.py.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+COMPONENT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+ACCELERATE = str(Path(PYTHON).parent / "accelerate")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Four train and two test prompts, encoded by the tiny SD3 text encoders into the HDF5 layout."""
+    from diffusers import StableDiffusion3Pipeline
+    from rsm_testkit import get_tiny_model
+
+    from sd35zo.embeddings import precompute_split
+
+    root = tmp_path_factory.mktemp("prompts")
+    (root / "train.txt").write_text("a red apple\na blue car\na cat on a mat\ntwo dogs\n")
+    (root / "test.txt").write_text("a green tree\na yellow bus\n")
+    pipe = StableDiffusion3Pipeline.from_pretrained(get_tiny_model("sd35"), transformer=None, vae=None)
+    for split in ("train", "test"):
+        precompute_split(pipe, str(root / f"{split}.txt"), str(root), split, batch_size=8, dtype=torch.float32)
+    return [f"--config.train_hdf5_path={root / 'train_embeddings.h5'}",
+            f"--config.train_prompt_file_path={root / 'train.txt'}",
+            f"--config.test_hdf5_path={root / 'test_embeddings.h5'}",
+            f"--config.test_prompt_file_path={root / 'test.txt'}"]
+
+
+def _launch(loss, reweight, extra, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=PYTHON, ACCELERATE=ACCELERATE, WANDB_MODE="disabled")
+    env["PYTHONPATH"] = str(COMPONENT) + os.pathsep + env.get("PYTHONPATH", "")
+    command = ["bash", "scripts/single_node/run_sd3.sh", "--sampler", "default", "--reward", "jpeg_compressibility",
+               "--loss", loss, "--reweight", reweight, "--tiny", "--", *extra]
+    done = subprocess.run(command, cwd=COMPONENT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def baseline_run(data, tmp_path_factory):
+    """Flow-GRPO's command on the tiny kit, 2 epochs, with the KL term on so the reference pass runs."""
+    save = tmp_path_factory.mktemp("runs")
+    _launch("ppo", "base", [*data, f"--config.save_dir={save}", "--config.run_name=full", "--config.train.beta=0.01"])
+    return save / "full"
+
+
+def test_baseline_command_trains_evaluates_and_checkpoints_each_epoch(baseline_run):
+    rows = _metrics(baseline_run)
+    updates = [r for r in rows if "policy_loss" in r]
+    # tiny budget: 4 rollouts of 1 image per epoch, 9 trained steps -> 36 passes, 18 per optimizer step
+    assert [r["step"] for r in updates] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in updates] == [0, 0, 1, 1]
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["kl_loss"]])).all() for r in updates)
+    assert not any(k.startswith("clipfrac_timestep_") for r in updates for k in r)  # a branch-trainer metric
+    assert [r["group_size"] for r in rows if "group_size" in r] == [2.0, 2.0]  # 2 images per prompt
+    epochs = [r for r in rows if "time_per_epoch" in r]
+    assert [(r["epoch"], r["optimizer_updates_this_epoch"], r["skipped_update"]) for r in epochs] == [(1, 2, 0), (2, 2, 0)]
+    assert all(r["sample_time_per_epoch"] > 0 and r["train_time_per_epoch"] > 0 and r["peak_memory_mib"] > 0
+               for r in epochs)
+    assert [r["eval_epoch"] for r in rows if "eval_epoch" in r] == [1, 2]  # the last epoch is evaluated too
+    for n in (1, 2):
+        assert (baseline_run / "checkpoints" / f"checkpoint-{n}" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (baseline_run / "images" / "epoch_0.jpg").is_file()  # training images of epoch 0
+
+
+def test_resume_from_checkpoint_reproduces_uninterrupted_epoch(baseline_run, data):
+    save = baseline_run.parent
+    _launch("ppo", "base", [*data, f"--config.save_dir={save}", "--config.run_name=resumed", "--config.train.beta=0.01",
+                            f"--config.resume_from={baseline_run / 'checkpoints' / 'checkpoint-1'}"])
+
+    def epoch_two(rows):
+        start = next(i for i, r in enumerate(rows) if r.get("checkpoint_epoch") == 1) + 1 if any(
+            r.get("checkpoint_epoch") == 1 for r in rows) else 0
+        return [{k: v for k, v in r.items() if "time" not in k and not k.startswith("peak_memory")
+                 and k != "checkpoint_path"} for r in rows[start:]]
+
+    resumed, full = epoch_two(_metrics(save / "resumed")), epoch_two(_metrics(baseline_run))
+    assert len(resumed) == len(full) and resumed == full
+    from safetensors.torch import load_file
+
+    a = load_file(str(save / "resumed" / "checkpoints" / "checkpoint-2" / "lora" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(baseline_run / "checkpoints" / "checkpoint-2" / "lora" / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_matching_loss_with_guard_reweight_trains_one_epoch(data, tmp_path):
+    """RSM's loss on full trajectories (stores ε and v_old) with GRPO-Guard's scale: one epoch end to end."""
+    _launch("matching", "guard", [*data, f"--config.save_dir={tmp_path}", "--config.run_name=m",
+                                  "--config.num_epochs=1"])
+    updates = [r for r in _metrics(tmp_path / "m") if "policy_loss" in r]
+    assert [r["step"] for r in updates] == [1, 2]
+    # on-policy at the first pass: v = v_old, so the matching term and approx_kl start at exactly 0
+    assert updates[0]["approx_kl"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_the_branch_trainer_refuses_a_default_sampler_config(data, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    env["PYTHONPATH"] = str(COMPONENT) + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run([PYTHON, "scripts/train_sd3_pr.py", "--config",
+                           "config/sd3_matrix.py:tiny:sd3.base.default.jpeg_compressibility.ppo.base", *data,
+                           f"--config.save_dir={tmp_path}"], cwd=COMPONENT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode != 0
+    assert "sample.sampling_mode='default' belongs to scripts/train_sd3.py, not scripts/train_sd3_pr.py" in done.stderr
+
+
+# ------------------------------------------------------------------------------------------------ units
+
+def test_select_training_samples_keeps_nonzero_and_tops_up_to_whole_batches():
+    from sd35zo.trainer_default import select_training_samples
+
+    adv = torch.tensor([0.0, 1.0, 0.0, -2.0, 0.5, 0.0, 0.0, 0.0])  # 3 nonzero, 4 batches -> 1 zero sample added
+    chosen = select_training_samples(adv, 4, True, torch.Generator().manual_seed(0))
+    assert chosen.numel() == 4 and {1, 3, 4} <= set(chosen.tolist())
+    assert torch.equal(chosen, chosen.sort().values)
+    assert adv[chosen].ne(0).sum() == 3
+    full = torch.ones(8)
+    assert torch.equal(select_training_samples(full, 4, True, torch.Generator()), torch.arange(8))
+
+
+def test_select_training_samples_when_advantages_vanish():
+    from sd35zo.trainer_default import select_training_samples
+
+    zeros = torch.zeros(6)
+    assert select_training_samples(zeros, 2, False, torch.Generator()) is None  # nothing anywhere: skip the update
+    # only this rank has none: train on every sample so all ranks take the same optimizer steps
+    assert torch.equal(select_training_samples(zeros, 2, True, torch.Generator()), torch.arange(6))
+
+
+def test_build_rows_lays_out_transition_j_of_sample_s_at_row_s_T_plus_j():
+    from sd35zo.trainer_default import build_rows
+
+    def rollout(offset, batch):
+        latents = torch.arange(batch * 3, dtype=torch.float32).reshape(batch, 3, 1, 1, 1) + offset
+        return ({"latents": latents, "log_probs": latents.reshape(batch, 3), "timesteps": torch.ones(batch, 3)},
+                torch.full((batch, 2, 4), float(offset)), torch.full((batch, 5), float(offset)))
+
+    table, prompts = build_rows({"rollouts": [rollout(0, 2), rollout(100, 2)]})
+    assert table["latents"].shape == (12, 1, 1, 1)
+    assert table["sample"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    s, j = 2, 1  # sample 2 = first sample of the second rollout
+    assert table["latents"][s * 3 + j].item() == 100 + j
+    assert prompts["prompt_embeds"].shape == (4, 2, 4) and prompts["pooled"][2, 0].item() == 100
