@@ -38,11 +38,12 @@ def data(tmp_path_factory):
             f"--config.test_prompt_file_path={root / 'test.txt'}"]
 
 
-def _launch(loss, reweight, extra, timeout=300):
+def _launch(loss, reweight, extra, timeout=300, num_processes=1):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=PYTHON, ACCELERATE=ACCELERATE, WANDB_MODE="disabled")
     env["PYTHONPATH"] = str(COMPONENT) + os.pathsep + env.get("PYTHONPATH", "")
     command = ["bash", "scripts/single_node/run_sd3.sh", "--sampler", "default", "--reward", "jpeg_compressibility",
-               "--loss", loss, "--reweight", reweight, "--tiny", "--", *extra]
+               "--loss", loss, "--reweight", reweight, "--tiny", "--num-processes", str(num_processes),
+               "--main-process-port", str(29830 + num_processes), "--", *extra]
     done = subprocess.run(command, cwd=COMPONENT, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
 
@@ -156,3 +157,17 @@ def test_build_rows_lays_out_transition_j_of_sample_s_at_row_s_T_plus_j():
     s, j = 2, 1  # sample 2 = first sample of the second rollout
     assert table["latents"][s * 3 + j].item() == 100 + j
     assert prompts["prompt_embeds"].shape == (4, 2, 4) and prompts["pooled"][2, 0].item() == 100
+
+
+def test_two_process_run_splits_the_epoch_and_keeps_replicas_identical(data, tmp_path):
+    """`run_sd3.sh --tiny --num-processes 2` (torchrun, gloo): each process samples half the epoch's
+    trajectories, advantages are grouped over both, and both take the same 2 optimizer steps (the checkpoint
+    saver refuses replicas whose LoRA weights differ)."""
+    _launch("ppo", "base", [*data, f"--config.save_dir={tmp_path}", "--config.run_name=ddp", "--config.num_epochs=1"],
+            num_processes=2)
+    rows = _metrics(tmp_path / "ddp")
+    assert [r["step"] for r in rows if "policy_loss" in r] == [1, 2]
+    # 4 trajectories of 2 prompts over 2 processes: the groups (2 images per prompt) span both processes
+    assert [r["group_size"] for r in rows if "group_size" in r] == [2.0]
+    assert [r["actual_batch_size"] for r in rows if "actual_batch_size" in r] == [1]  # 2 rollouts -> 2 batches of 1
+    assert (tmp_path / "ddp" / "checkpoints" / "checkpoint-1" / "lora" / "pytorch_lora_weights.safetensors").is_file()

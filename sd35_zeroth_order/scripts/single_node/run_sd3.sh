@@ -152,11 +152,6 @@ echo "profile=${profile} sampler=${sampler} reward=${reward} loss=${loss} reweig
 echo "config_id=${config_id}"
 echo "train_script=${train_script}"
 
-if [[ "$dry_run" == 0 && ! -f "$train_script" ]]; then
-  echo "run_sd3.sh: $train_script does not exist yet in this checkout (the trainers land in a later step); use --dry-run to see the command" >&2
-  exit 1
-fi
-
 # Resolve the config as each of the N processes will (overrides included) and print its epoch budget.
 config_flags=()
 for arg in ${overrides[@]+"${overrides[@]}"} ${trainer_args[@]+"${trainer_args[@]}"}; do
