@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import math
 import pickle
-import urllib.error
-import urllib.request
 from typing import Any, Sequence
 
 import numpy as np
@@ -26,7 +24,7 @@ import torch
 
 from .base import Reward, RewardOutput
 from .geneval.protocol import JPEG_QUALITY, ProtocolError, encode_jpeg, safe_loads
-from .openai_chat import resolve_service_url
+from .http_service import post_bytes, resolve_service_url
 from .preprocess import to_uint8
 
 URL_ENV = "TEMPFLOW_DEQA_REWARD_URL"  # upstream's variable
@@ -101,24 +99,10 @@ class DeQAReward(Reward):
     def post(self, body: bytes, batch: int) -> list[float]:
         """One request of `batch` images; their scores."""
         # upstream sent no Content-Type; urllib would label the body a form, which a Flask server may parse
-        request = urllib.request.Request(self.url, data=body, method="POST",
-                                         headers={"Content-Type": "application/octet-stream"})
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as exc:
-            raise DeQAServerError(f"{self.name}: {self.url} answered HTTP {exc.code}: "
-                                  f"{_server_reason(exc.read()) or exc.reason}") from None
-        except urllib.error.URLError as exc:  # refused, unknown host, connect timeout
-            reason = exc.reason
-            detail = f"{type(reason).__name__}: {reason}" if isinstance(reason, BaseException) else str(reason)
-            raise self._unreachable(f"cannot reach {self.url} ({' '.join(detail.split())})") from None
-        except TimeoutError:
-            raise self._unreachable(f"{self.url} did not answer {batch} images within timeout={self.timeout:g} s "
-                                    f"(raise timeout or lower batch_size if the server is only slow)") from None
-        except OSError as exc:  # closed or reset before an answer
-            raise self._unreachable(f"{self.url} dropped the connection ({type(exc).__name__}: "
-                                    f"{' '.join(str(exc).split())})") from None
+        raw = post_bytes(self.url, body, {"Content-Type": "application/octet-stream"}, self.timeout,
+                         refused=lambda what: DeQAServerError(f"{self.name}: {what}"),
+                         unreachable=self._unreachable, server_reason=_server_reason,
+                         load=f"{batch} images", remedy="raise timeout or lower batch_size")
         try:
             return check_outputs(safe_loads(raw), batch)
         except ProtocolError as exc:

@@ -21,38 +21,20 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
-from urllib.parse import urlsplit
 
 import numpy as np
 import torch
 from PIL import Image
 
 from .base import Reward, RewardOutput
+from .http_service import one_line, post_bytes, resolve_service_url
 from .preprocess import to_uint8
 
 
 class ChatServerError(RuntimeError):
     """The chat-completions server could not be reached, refused the request or sent an unusable answer."""
-
-
-def resolve_service_url(reward: str, url: str | None, env_var: str, default: str) -> str:
-    """The option, else $env_var, else the default; must look like http(s)://host[:port][/path]."""
-    if url is None:
-        url = os.environ.get(env_var) or default
-    url = str(url).strip().rstrip("/")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{reward}: url must look like http://host:port, got {url!r}")
-    try:
-        parts.port
-    except ValueError:
-        raise ValueError(f"{reward}: url has a bad port: {url!r}") from None
-    return url
 
 
 def png_data_url(image: np.ndarray) -> str:
@@ -63,26 +45,22 @@ def png_data_url(image: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _one_line(text: str, limit: int = 300) -> str:
-    return " ".join(text.split())[:limit]
-
-
 def _error_message(body: bytes) -> str:
     """The server's reason from an error body: OpenAI's {"error": {"message"}}, vLLM's {"message"}, or text."""
     text = body.decode("utf-8", "replace")
     try:
         payload = json.loads(text)
     except ValueError:
-        return _one_line(text)
+        return one_line(text)
     if isinstance(payload, dict):
         error = payload.get("error")
         if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return _one_line(error["message"])
+            return one_line(error["message"])
         if isinstance(error, str):
-            return _one_line(error)
+            return one_line(error)
         if isinstance(payload.get("message"), str):
-            return _one_line(payload["message"])
-    return _one_line(text)
+            return one_line(payload["message"])
+    return one_line(text)
 
 
 def completion_text(payload: Any) -> str:
@@ -173,28 +151,15 @@ class ChatCompletionsReward(Reward):
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         data = json.dumps(self.request_body(image, prompt)).encode("utf-8")
-        request = urllib.request.Request(self.endpoint, data=data, headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as exc:
-            raise ChatServerError(f"{self.name}: {self.endpoint} answered HTTP {exc.code}: "
-                                  f"{_error_message(exc.read()) or exc.reason}") from None
-        except urllib.error.URLError as exc:  # refused, unknown host, connect timeout
-            reason = exc.reason
-            detail = f"{type(reason).__name__}: {reason}" if isinstance(reason, BaseException) else str(reason)
-            raise self._unreachable(f"cannot reach {self.url} ({_one_line(detail)})") from None
-        except TimeoutError:
-            raise self._unreachable(f"{self.endpoint} did not answer within timeout={self.timeout:g} s "
-                                    f"(raise timeout if the server is only slow)") from None
-        except OSError as exc:  # the connection was closed or reset before an answer
-            raise self._unreachable(f"{self.endpoint} dropped the connection "
-                                    f"({type(exc).__name__}: {_one_line(str(exc))})") from None
+        # "cannot reach" names the base URL, the one the user configures; the other failures the endpoint
+        raw = post_bytes(self.endpoint, data, headers, self.timeout,
+                         refused=lambda what: ChatServerError(f"{self.name}: {what}"),
+                         unreachable=self._unreachable, server_reason=_error_message, server_url=self.url)
         try:
             return completion_text(json.loads(raw.decode("utf-8")))
         except ValueError as exc:  # also bad JSON and bad UTF-8
             raise ChatServerError(f"{self.name}: {self.endpoint} sent an unusable answer: "
-                                  f"{_one_line(str(exc))}") from None
+                                  f"{one_line(str(exc))}") from None
 
     def ask_all(self, images: np.ndarray | Sequence[np.ndarray], prompts: Sequence[str] | None) -> list[str]:
         """One answer per image, in order; requests run concurrently. The first failure is raised and the

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from ..base import Reward, RewardInputError, RewardOutput, validate_inputs
+from ..http_service import resolve_service_url
 from ..preprocess import to_uint8
 from .metadata import validate_metadata
 from .protocol import JPEG_QUALITY, ProtocolError, check_response, encode_jpeg, encode_request, safe_loads
@@ -61,17 +62,7 @@ class GenEvalServerError(RuntimeError):
 
 def resolve_url(url: str | None) -> str:
     """The option, else $RSM_GENEVAL_URL, else $TEMPFLOW_GENEVAL_REWARD_URL, else the upstream default."""
-    if url is None:
-        url = next((os.environ[k] for k in URL_ENV if os.environ.get(k)), DEFAULT_URL)
-    url = str(url).strip().rstrip("/")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"geneval: url must look like http://host:port, got {url!r}")
-    try:
-        parts.port
-    except ValueError:
-        raise ValueError(f"geneval: url has a bad port: {url!r}") from None
-    return url
+    return resolve_service_url("geneval", url, URL_ENV, DEFAULT_URL)
 
 
 def filtered_means(extras: dict[str, Any]) -> dict[str, float]:
