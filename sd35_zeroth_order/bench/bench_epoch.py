@@ -9,7 +9,7 @@ Each combination is a set of `scripts/single_node/run_sd3.sh` flags; the bench r
 launcher (a subprocess, exactly as a user would) for `--epochs` epochs and reads what the trainer logs to
 `<run_dir>/metrics.jsonl` per epoch: `time_per_epoch`, `sample_time_per_epoch` (sampling, not waiting for
 rewards), `reward_wait_time_per_epoch` (scoring that did not overlap sampling), `train_time_per_epoch`,
-`peak_memory_mib` (+ `peak_memory_kind`: CUDA allocator peak or the process's max RSS, both since start)
+`peak_memory_mib` (+ `peak_memory_kind`: the CUDA allocator peak of that epoch, or the process's max RSS since start on a CPU)
 and `eval_time` (the last epoch only: eval/save frequencies are set to `--epochs`). Epoch 1 is reported
 alone as the warm-up; the later epochs are averaged. Rows per epoch are the launcher's budget line.
 

@@ -21,7 +21,7 @@ from .prompt_samplers import BranchPromptSampler, branch_counter
 from .rewards import submit_scores
 from .sampling import decode_latents, initial_latents
 from .sampling_branch import exploration_weights, mean_active_k, sample_branches
-from .trainer_common import (IMAGE_LOG_EVERY, Run, add_lora, collate, ema_step, gathered_reward_means, log_step_means,
+from .trainer_common import (IMAGE_LOG_EVERY, Run, count_inner_epoch_updates, add_lora, collate, ema_step, gathered_reward_means, log_step_means,
                              finish_epoch, load_checkpoint, optimizer_step, policy_velocity, rows_loss,
                              save_checkpoint, seeded_generator, setup as setup_common)
 
@@ -193,10 +193,7 @@ def update(run: Run, table: dict, anchors: dict, prompts: dict, advantages: torc
                 log_step_means(run, window, epoch=epoch + 1, inner_epoch=inner)
                 window = []
             ema_step(run)  # after every microbatch, as upstream (spec §7.3), unless train.ema_once_per_step
-        run.updates_this_epoch += run.global_step - steps_before
-        if run.global_step - steps_before != budget.updates_per_epoch:
-            raise RuntimeError(f"inner epoch took {run.global_step - steps_before} optimizer steps, "
-                               f"expected train.updates_per_epoch={budget.updates_per_epoch}")
+        count_inner_epoch_updates(run, steps_before)
 
 
 # ------------------------------------------------------------------------------------------------ the loop

@@ -302,6 +302,15 @@ def gathered_reward_means(run: Run, rewards: dict) -> dict:
     return metrics
 
 
+def count_inner_epoch_updates(run: Run, steps_before: int) -> None:
+    """Add an inner epoch's optimizer steps to the epoch's count; it must be exactly updates_per_epoch (the
+    budget's no-carry promise: no microbatch is carried to the next update or epoch)."""
+    taken = run.global_step - steps_before
+    run.updates_this_epoch += taken
+    if taken != run.budget.updates_per_epoch:
+        raise RuntimeError(f"inner epoch took {taken} optimizer steps, expected {run.budget.updates_per_epoch}")
+
+
 def ema_step(run: Run) -> None:
     if run.ema is not None:
         run.ema.step(run.params, run.global_step)
@@ -384,21 +393,25 @@ def finish_epoch(run: Run, epoch: int, timings: dict) -> None:
     if last or run.epoch % config.eval_freq == 0:
         started = time.time()
         metrics = evaluate(run, run.epoch)
-        run.logger.log({**metrics, "eval_time": time.time() - started}, run.global_step)
+        run.logger.log({**metrics, "eval_time": time.time() - started, **peak_memory(run.accelerator.device, "eval_")},
+                       run.global_step)
     if last or run.epoch % config.save_freq == 0:
         path = save_checkpoint(run, run.epoch)
         run.logger.log({"checkpoint_epoch": run.epoch, "checkpoint_global_step": run.global_step,
                         "checkpoint_path": path}, run.global_step)
 
 
-def peak_memory(device) -> dict:
-    """Peak memory so far: CUDA allocator peak on a GPU, the process's peak resident set on a CPU (MiB)."""
+def peak_memory(device, prefix: str = "") -> dict:
+    """Peak memory since the last call (MiB): the CUDA allocator's peak on a GPU, reset after reading so each
+    phase reports its own; on a CPU the process's peak resident set so far (it cannot be reset)."""
     if torch.device(device).type == "cuda":
-        return {"peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20, "peak_memory_kind": "cuda_allocated"}
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        torch.cuda.reset_peak_memory_stats(device)
+        return {f"{prefix}peak_memory_mib": peak, f"{prefix}peak_memory_kind": "cuda_allocated"}
     import resource
 
     rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return {"peak_memory_mib": rss_kib / 1024, "peak_memory_kind": "cpu_max_rss"}
+    return {f"{prefix}peak_memory_mib": rss_kib / 1024, f"{prefix}peak_memory_kind": "cpu_max_rss"}
 
 
 def mean_over_processes(run: Run, value: float) -> float:

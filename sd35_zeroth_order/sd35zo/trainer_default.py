@@ -28,7 +28,7 @@ from .advantages import gather_group_advantages, mean_group_size, mean_group_std
 from .prompt_samplers import EpochPromptSampler
 from .rewards import submit_scores
 from .sampling import decode_latents, initial_latents, sample_sde_trajectory
-from .trainer_common import (IMAGE_LOG_EVERY, Run, collate, ema_step, gathered_reward_means, log_step_means,
+from .trainer_common import (IMAGE_LOG_EVERY, Run, count_inner_epoch_updates, collate, ema_step, gathered_reward_means, log_step_means,
                              finish_epoch, optimizer_step, policy_velocity, rows_loss,
                              seeded_generator, setup as setup_common)
 
@@ -172,10 +172,7 @@ def update(run: Run, table: dict, prompts: dict, advantages: torch.Tensor, chose
                     log_step_means(run, window, epoch=epoch, inner_epoch=inner)
                     window = []
             ema_step(run)  # after each training batch, as upstream (spec §7.3), unless train.ema_once_per_step
-        run.updates_this_epoch += run.global_step - steps_before
-        if run.global_step - steps_before != budget.updates_per_epoch:
-            raise RuntimeError(f"inner epoch took {run.global_step - steps_before} optimizer steps, "
-                               f"expected {budget.updates_per_epoch}")
+        count_inner_epoch_updates(run, steps_before)
 
 
 def _log_training_images(run: Run, sampled: dict, epoch: int) -> None:

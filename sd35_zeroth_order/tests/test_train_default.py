@@ -87,7 +87,7 @@ def test_resume_from_checkpoint_reproduces_uninterrupted_epoch(baseline_run, dat
     def epoch_two(rows):
         start = next(i for i, r in enumerate(rows) if r.get("checkpoint_epoch") == 1) + 1 if any(
             r.get("checkpoint_epoch") == 1 for r in rows) else 0
-        return [{k: v for k, v in r.items() if "time" not in k and not k.startswith("peak_memory")
+        return [{k: v for k, v in r.items() if "time" not in k and "peak_memory" not in k
                  and k != "checkpoint_path"} for r in rows[start:]]
 
     resumed, full = epoch_two(_metrics(save / "resumed")), epoch_two(_metrics(baseline_run))
