@@ -21,9 +21,9 @@ from .prompt_samplers import BranchPromptSampler, branch_counter
 from .rewards import submit_scores
 from .sampling import decode_latents, initial_latents
 from .sampling_branch import exploration_weights, mean_active_k, sample_branches
-from .trainer_common import (IMAGE_LOG_EVERY, Run, count_inner_epoch_updates, add_lora, collate, ema_step, gathered_reward_means, log_step_means,
-                             finish_epoch, load_checkpoint, optimizer_step, policy_velocity, rows_loss,
-                             save_checkpoint, seeded_generator, setup as setup_common)
+from .trainer_common import (IMAGE_LOG_EVERY, Run, add_lora, collate, count_inner_epoch_updates, ema_step,
+                             finish_epoch, gathered_reward_means, load_checkpoint, log_step_means, optimizer_step,
+                             policy_velocity, rows_loss, save_checkpoint, seeded_generator, setup as setup_common)
 
 __all__ = ["setup", "train", "add_lora", "save_checkpoint", "load_checkpoint"]
 

@@ -28,8 +28,8 @@ from .advantages import gather_group_advantages, mean_group_size, mean_group_std
 from .prompt_samplers import EpochPromptSampler
 from .rewards import submit_scores
 from .sampling import decode_latents, initial_latents, sample_sde_trajectory
-from .trainer_common import (IMAGE_LOG_EVERY, Run, count_inner_epoch_updates, collate, ema_step, gathered_reward_means, log_step_means,
-                             finish_epoch, optimizer_step, policy_velocity, rows_loss,
+from .trainer_common import (IMAGE_LOG_EVERY, Run, collate, count_inner_epoch_updates, ema_step, finish_epoch,
+                             gathered_reward_means, log_step_means, optimizer_step, policy_velocity, rows_loss,
                              seeded_generator, setup as setup_common)
 
 __all__ = ["setup", "train", "select_training_samples"]
@@ -94,9 +94,10 @@ def sample_epoch(run: Run, epoch: int) -> dict:
 
 def compute_advantages(run: Run, sampled: dict, epoch: int) -> tuple[torch.Tensor, dict, bool]:
     """Phase 3 (spec §4.5, default trainer): one advantage per trajectory `[S]` (the same for its T
-    transitions), the metrics, and whether any advantage of any process is nonzero. Grouped by prompt text across every process, with the batch-wide std when
-    `sample.global_std`; a plain z-score over the batch when per-prompt tracking is off or there is one
-    image per prompt. Prompts are grouped by their dataset text (upstream: CLIP-decoded, lower-cased text)."""
+    transitions), the metrics, and whether any advantage of any process is nonzero. Grouped by prompt text
+    across every process, with the batch-wide std when `sample.global_std`; a plain z-score over the batch
+    when per-prompt tracking is off or there is one image per prompt. Prompts are grouped by their dataset
+    text (upstream: CLIP-decoded, lower-cased text)."""
     config = run.config
     rewards = {k: torch.cat([s[k] for s in sampled["scores"]]) for k in sampled["scores"][0]}
     per_prompt = config.per_prompt_stat_tracking and config.sample.num_image_per_prompt > 1

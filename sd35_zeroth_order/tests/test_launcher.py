@@ -199,25 +199,6 @@ def test_accelerate_config_on_a_torchrun_run_is_refused_with_one_line():
                                              "processes (they use torchrun)")
 
 
-@pytest.fixture(scope="module")
-def tiny_prompt_embeddings(tmp_path_factory):
-    """Four train and two test prompts through the tiny SD3 text encoders (as in test_train_branch.py)."""
-    import torch
-    from diffusers import StableDiffusion3Pipeline
-    from rsm_testkit import get_tiny_model
-
-    from sd35zo.embeddings import precompute_split
-
-    root = tmp_path_factory.mktemp("prompts")
-    (root / "train.txt").write_text("a red apple\na blue car\na cat on a mat\ntwo dogs\n")
-    (root / "test.txt").write_text("a green tree\na yellow bus\n")
-    pipe = StableDiffusion3Pipeline.from_pretrained(get_tiny_model("sd35"), transformer=None, vae=None)
-    for split in ("train", "test"):
-        precompute_split(pipe, str(root / f"{split}.txt"), str(root), split, batch_size=8, dtype=torch.float32)
-    return [f"--config.{split}_{kind}={root / name}" for split in ("train", "test")
-            for kind, name in (("hdf5_path", f"{split}_embeddings.h5"), ("prompt_file_path", f"{split}.txt"))]
-
-
 def test_tiny_run_on_two_cpu_processes_really_starts_two(tiny_prompt_embeddings, tmp_path):
     """The launcher itself (not a hand-written torchrun line) trains the tiny paper config on two ranks."""
     pytest.importorskip("rsm_testkit")

@@ -20,26 +20,6 @@ ACCELERATE = str(Path(PYTHON).parent / "accelerate")
 TINY_ID = "sd3.lowsnr2.branch.jpeg_compressibility.matching.fairclip2"
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """Four train and two test prompts, encoded by the tiny SD3 text encoders into the HDF5 layout."""
-    from diffusers import StableDiffusion3Pipeline
-    from rsm_testkit import get_tiny_model
-
-    from sd35zo.embeddings import precompute_split
-
-    root = tmp_path_factory.mktemp("prompts")
-    (root / "train.txt").write_text("a red apple\na blue car\na cat on a mat\ntwo dogs\n")
-    (root / "test.txt").write_text("a green tree\na yellow bus\n")
-    pipe = StableDiffusion3Pipeline.from_pretrained(get_tiny_model("sd35"), transformer=None, vae=None)
-    for split in ("train", "test"):
-        precompute_split(pipe, str(root / f"{split}.txt"), str(root), split, batch_size=8, dtype=torch.float32)
-    return [f"--config.train_hdf5_path={root / 'train_embeddings.h5'}",
-            f"--config.train_prompt_file_path={root / 'train.txt'}",
-            f"--config.test_hdf5_path={root / 'test_embeddings.h5'}",
-            f"--config.test_prompt_file_path={root / 'test.txt'}"]
-
-
 def _env():
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=PYTHON, ACCELERATE=ACCELERATE, WANDB_MODE="disabled")
     env["PYTHONPATH"] = str(COMPONENT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -60,10 +40,10 @@ def _metrics(run_dir):
 
 
 @pytest.fixture(scope="module")
-def full_run(data, tmp_path_factory):
+def full_run(tiny_prompt_embeddings, tmp_path_factory):
     """The uninterrupted 2-epoch paper run on the tiny kit."""
     save = tmp_path_factory.mktemp("runs")
-    _launch([*data, f"--config.save_dir={save}", "--config.run_name=full", "--config.num_epochs=2"])
+    _launch([*tiny_prompt_embeddings, f"--config.save_dir={save}", "--config.run_name=full", "--config.num_epochs=2"])
     return save / "full"
 
 
@@ -111,9 +91,9 @@ def test_checkpoint_lora_loads_with_diffusers_pipeline(full_run):
     assert len(match) == 1 and torch.equal(match[0].detach().cpu(), saved[key])
 
 
-def test_resume_from_checkpoint_reproduces_uninterrupted_epoch(full_run, data):
+def test_resume_from_checkpoint_reproduces_uninterrupted_epoch(full_run, tiny_prompt_embeddings):
     save = full_run.parent
-    _launch([*data, f"--config.save_dir={save}", "--config.run_name=resumed", "--config.num_epochs=2",
+    _launch([*tiny_prompt_embeddings, f"--config.save_dir={save}", "--config.run_name=resumed", "--config.num_epochs=2",
              f"--config.resume_from={full_run / 'checkpoints' / 'checkpoint-1'}"])
     def measured(key):  # wall-clock times, memory and paths differ between any two runs
         return "time" in key or "peak_memory" in key or key == "checkpoint_path"
@@ -132,13 +112,13 @@ def test_resume_from_checkpoint_reproduces_uninterrupted_epoch(full_run, data):
     assert a["sampler"] == b["sampler"]
 
 
-def test_two_process_gloo_run_averages_gradients_and_saves_once(data, tmp_path):
+def test_two_process_gloo_run_averages_gradients_and_saves_once(tiny_prompt_embeddings, tmp_path):
     """Two CPU processes (gloo): each rank samples half the epoch, groups are normalised over both, and
     the replicas stay identical (checked by the trainer before it saves). `accelerate launch --cpu` starts
     only one process, so torchrun starts the two (ACCELERATE_USE_CPU selects gloo)."""
     torchrun = str(Path(PYTHON).parent / "torchrun")
     command = [torchrun, "--nproc_per_node", "2", "--master_port", "29817", "scripts/train_sd3_pr.py",
-               "--config", f"config/sd3_matrix.py:tiny:{TINY_ID}", *data,
+               "--config", f"config/sd3_matrix.py:tiny:{TINY_ID}", *tiny_prompt_embeddings,
                f"--config.save_dir={tmp_path}", "--config.run_name=two", "--config.num_epochs=1",
                "--config.train.ema=False"]  # evaluate the live weights: the KL probe must see them move
     done = subprocess.run(command, cwd=COMPONENT, env=dict(_env(), ACCELERATE_USE_CPU="true"),
@@ -177,12 +157,12 @@ def test_geneval_reward_through_a_loopback_server(tmp_path):
     pipe = StableDiffusion3Pipeline.from_pretrained(get_tiny_model("sd35"), transformer=None, vae=None)
     for split in ("train", "test"):
         precompute_split(pipe, str(prompts), str(tmp_path), split, batch_size=8, dtype=torch.float32)
-    data = [f"--config.train_hdf5_path={tmp_path / 'train_embeddings.h5'}", f"--config.train_prompt_file_path={prompts}",
+    geneval_data = [f"--config.train_hdf5_path={tmp_path / 'train_embeddings.h5'}", f"--config.train_prompt_file_path={prompts}",
             f"--config.test_hdf5_path={tmp_path / 'test_embeddings.h5'}", f"--config.test_prompt_file_path={prompts}"]
     with start_server(port=0, device="cpu", detector=str(get_tiny_model("mask2former_coco_dog_cat")),
                       clip=str(get_tiny_model("clip_vit_l14"))) as server:
         command = [PYTHON, "scripts/train_sd3_pr.py", "--config",
-                   "config/sd3_matrix.py:tiny:sd3.lowsnr2.branch.geneval.matching.fairclip2", *data,
+                   "config/sd3_matrix.py:tiny:sd3.lowsnr2.branch.geneval.matching.fairclip2", *geneval_data,
                    f"--config.reward_options.geneval.url={server.url}", f"--config.save_dir={tmp_path}",
                    "--config.run_name=geneval", "--config.num_epochs=1"]
         done = subprocess.run(command, cwd=COMPONENT, env=_env(), capture_output=True, text=True, timeout=400)

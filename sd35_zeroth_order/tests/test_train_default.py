@@ -18,26 +18,6 @@ PYTHON = sys.executable
 ACCELERATE = str(Path(PYTHON).parent / "accelerate")
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """Four train and two test prompts, encoded by the tiny SD3 text encoders into the HDF5 layout."""
-    from diffusers import StableDiffusion3Pipeline
-    from rsm_testkit import get_tiny_model
-
-    from sd35zo.embeddings import precompute_split
-
-    root = tmp_path_factory.mktemp("prompts")
-    (root / "train.txt").write_text("a red apple\na blue car\na cat on a mat\ntwo dogs\n")
-    (root / "test.txt").write_text("a green tree\na yellow bus\n")
-    pipe = StableDiffusion3Pipeline.from_pretrained(get_tiny_model("sd35"), transformer=None, vae=None)
-    for split in ("train", "test"):
-        precompute_split(pipe, str(root / f"{split}.txt"), str(root), split, batch_size=8, dtype=torch.float32)
-    return [f"--config.train_hdf5_path={root / 'train_embeddings.h5'}",
-            f"--config.train_prompt_file_path={root / 'train.txt'}",
-            f"--config.test_hdf5_path={root / 'test_embeddings.h5'}",
-            f"--config.test_prompt_file_path={root / 'test.txt'}"]
-
-
 def _launch(loss, reweight, extra, timeout=300, num_processes=1):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=PYTHON, ACCELERATE=ACCELERATE, WANDB_MODE="disabled")
     env["PYTHONPATH"] = str(COMPONENT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -53,10 +33,10 @@ def _metrics(run_dir):
 
 
 @pytest.fixture(scope="module")
-def baseline_run(data, tmp_path_factory):
+def baseline_run(tiny_prompt_embeddings, tmp_path_factory):
     """Flow-GRPO's command on the tiny kit, 2 epochs, with the KL term on so the reference pass runs."""
     save = tmp_path_factory.mktemp("runs")
-    _launch("ppo", "base", [*data, f"--config.save_dir={save}", "--config.run_name=full", "--config.train.beta=0.01"])
+    _launch("ppo", "base", [*tiny_prompt_embeddings, f"--config.save_dir={save}", "--config.run_name=full", "--config.train.beta=0.01"])
     return save / "full"
 
 
@@ -79,9 +59,9 @@ def test_baseline_command_trains_evaluates_and_checkpoints_each_epoch(baseline_r
     assert (baseline_run / "images" / "epoch_0.jpg").is_file()  # training images of epoch 0
 
 
-def test_resume_from_checkpoint_reproduces_uninterrupted_epoch(baseline_run, data):
+def test_resume_from_checkpoint_reproduces_uninterrupted_epoch(baseline_run, tiny_prompt_embeddings):
     save = baseline_run.parent
-    _launch("ppo", "base", [*data, f"--config.save_dir={save}", "--config.run_name=resumed", "--config.train.beta=0.01",
+    _launch("ppo", "base", [*tiny_prompt_embeddings, f"--config.save_dir={save}", "--config.run_name=resumed", "--config.train.beta=0.01",
                             f"--config.resume_from={baseline_run / 'checkpoints' / 'checkpoint-1'}"])
 
     def epoch_two(rows):
@@ -99,9 +79,9 @@ def test_resume_from_checkpoint_reproduces_uninterrupted_epoch(baseline_run, dat
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_matching_loss_with_guard_reweight_trains_one_epoch(data, tmp_path):
+def test_matching_loss_with_guard_reweight_trains_one_epoch(tiny_prompt_embeddings, tmp_path):
     """RSM's loss on full trajectories (stores ε and v_old) with GRPO-Guard's scale: one epoch end to end."""
-    _launch("matching", "guard", [*data, f"--config.save_dir={tmp_path}", "--config.run_name=m",
+    _launch("matching", "guard", [*tiny_prompt_embeddings, f"--config.save_dir={tmp_path}", "--config.run_name=m",
                                   "--config.num_epochs=1"])
     updates = [r for r in _metrics(tmp_path / "m") if "policy_loss" in r]
     assert [r["step"] for r in updates] == [1, 2]
@@ -109,11 +89,11 @@ def test_matching_loss_with_guard_reweight_trains_one_epoch(data, tmp_path):
     assert updates[0]["approx_kl"] == pytest.approx(0.0, abs=1e-12)
 
 
-def test_the_branch_trainer_refuses_a_default_sampler_config(data, tmp_path):
+def test_the_branch_trainer_refuses_a_default_sampler_config(tiny_prompt_embeddings, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
     env["PYTHONPATH"] = str(COMPONENT) + os.pathsep + env.get("PYTHONPATH", "")
     done = subprocess.run([PYTHON, "scripts/train_sd3_pr.py", "--config",
-                           "config/sd3_matrix.py:tiny:sd3.base.default.jpeg_compressibility.ppo.base", *data,
+                           "config/sd3_matrix.py:tiny:sd3.base.default.jpeg_compressibility.ppo.base", *tiny_prompt_embeddings,
                            f"--config.save_dir={tmp_path}"], cwd=COMPONENT, env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode != 0
@@ -159,11 +139,11 @@ def test_build_rows_lays_out_transition_j_of_sample_s_at_row_s_T_plus_j():
     assert prompts["prompt_embeds"].shape == (4, 2, 4) and prompts["pooled"][2, 0].item() == 100
 
 
-def test_two_process_run_splits_the_epoch_and_keeps_replicas_identical(data, tmp_path):
+def test_two_process_run_splits_the_epoch_and_keeps_replicas_identical(tiny_prompt_embeddings, tmp_path):
     """`run_sd3.sh --tiny --num-processes 2` (torchrun, gloo): each process samples half the epoch's
     trajectories, advantages are grouped over both, and both take the same 2 optimizer steps (the checkpoint
     saver refuses replicas whose LoRA weights differ)."""
-    _launch("ppo", "base", [*data, f"--config.save_dir={tmp_path}", "--config.run_name=ddp", "--config.num_epochs=1"],
+    _launch("ppo", "base", [*tiny_prompt_embeddings, f"--config.save_dir={tmp_path}", "--config.run_name=ddp", "--config.num_epochs=1"],
             num_processes=2)
     rows = _metrics(tmp_path / "ddp")
     assert [r["step"] for r in rows if "policy_loss" in r] == [1, 2]
