@@ -4,8 +4,8 @@
 
 Upstream (flow_grpo `QwenVLScorer`) ran the model inside the trainer (bf16, `generate` with at most 2048
 new tokens); a server keeps the 7B model out of every training process. The question is upstream's 5-level
-aesthetic rubric (Bad / Poor / Fair / Good / Excellent) asking for a <Thought> analysis, then a <Score> tag.
-The image goes at its own size as a PNG (the server's Qwen processor resizes it, as upstream's did); the
+aesthetic rubric (Bad / Poor / Fair / Good / Excellent), worded here, asking for a <Thought> analysis, then a
+<Score> tag. The image goes at its own size as a PNG (the server's Qwen processor resizes it, as upstream's did); the
 image's text prompt is not used. Greedy decoding (temperature 0), max_tokens 2048; the reward is the integer
 in the first <Score>n</Score> divided by 5, and 0 when there is none.
 """
@@ -20,27 +20,24 @@ from .openai_chat import ChatCompletionsReward
 # Any integer, as upstream: "<Score>7</Score>" gives 1.4, "<Score>4.5</Score>" no score.
 SCORE_TAG = re.compile(r"<Score>(\d+)</Score>")
 
-# Upstream's rubric verbatim, line breaks included: the score depends on the wording.
+# The rubric in our words (clean room): upstream's five levels and criteria, and its answer format (a
+# <Thought> analysis, then an integer 1-5 in <Score>...</Score>), which the parser below depends on. Wording
+# moves a judge's scores a little, so values are close to, not identical with, upstream's.
 RUBRIC = """
-Your role is to evaluate the aesthetic quality score of given images.
-1. Bad: Extremely blurry, underexposed with significant noise, indiscernible
-subjects, and chaotic composition.
-2. Poor: Noticeable blur, poor lighting, washed-out colors, and awkward
-composition with cut-off subjects.
-3. Fair: In focus with adequate lighting, dull colors, decent composition but
-lacks creativity.
-4. Good: Sharp, good exposure, vibrant colors, thoughtful composition with
-a clear focal point.
-5. Excellent: Exceptional clarity, perfect exposure, rich colors, masterful
-composition with emotional impact.
+Rate the aesthetic quality of the image on a five-level scale:
+1. Bad: very blurry or dark, heavy noise, subjects that cannot be made out, no coherent composition.
+2. Poor: visible blur, weak lighting, faded colours, clumsy framing that cuts subjects off.
+3. Fair: sharp enough and adequately lit, but flat colours and an ordinary, uninspired composition.
+4. Good: crisp, well exposed, lively colours, a deliberate composition with a clear subject.
+5. Excellent: outstanding sharpness and exposure, rich colour, expert composition that moves the viewer.
 
-Please first provide a detailed analysis of the evaluation process, including the criteria for judging aesthetic quality, within the <Thought> tag. Then, give a final score from 1 to 5 within the <Score> tag.
+First reason step by step about these criteria inside a <Thought> tag. Then give one integer from 1 to 5
+inside a <Score> tag, in exactly this form:
 <Thought>
-[Analyze the evaluation process in detail here]
+[your analysis]
 </Thought>
 <Score>X</Score>
 """
-
 
 def parse_score_tag(answer: str) -> float | None:
     """"<Thought>...</Thought><Score>3</Score>" -> 0.6; None when there is no integer score tag."""

@@ -19,17 +19,16 @@ from .openai_chat import ChatCompletionsReward
 # Only the first digit counts and it must be 1-5 ("Final Score: 10" reads as 1): upstream's pattern.
 FINAL_SCORE = re.compile(r"Final Score:\s*([1-5](?:\.\d+)?)")
 
-# The question is upstream's wording verbatim, including its leading "<image>" line: the score depends on it.
+# The question in our words (clean room), with upstream's structure: the "<image>" placeholder line first,
+# the two criteria (caption alignment, overall quality), a 1-5 score after "Final Score:" (which the parser
+# reads) and the caption in brackets last. Wording moves a judge's scores a little.
 QUESTION = (
     "<image>\n"
-    "You are given a text caption and a generated image based on that caption. Your task is to evaluate this "
-    "image based on two key criteria:\n"
-    "1. Alignment with the Caption: Assess how well this image aligns with the provided caption. Consider the "
-    "accuracy of depicted objects, their relationships, and attributes as described in the caption.\n"
-    "2. Overall Image Quality: Examine the visual quality of this image, including clarity, detail preservation, "
-    "color accuracy, and overall aesthetic appeal.\n"
-    "Based on the above criteria, assign a score from 1 to 5 after 'Final Score:'.\n"
-    "Your task is provided as follows:\n"
+    "Below is a text caption and an image generated from it. Judge the image on two criteria:\n"
+    "1. Alignment with the Caption: does the image show the objects, attributes and relations the caption "
+    "describes, and show them correctly?\n"
+    "2. Overall Image Quality: how clear, detailed, well coloured and visually pleasing is the image?\n"
+    "Weigh both criteria and write a score from 1 to 5 after 'Final Score:'.\n"
     "Text Caption: [{caption}]"
 )
 

@@ -276,8 +276,8 @@ def test_unifiedreward_request_matches_upstream():
         assert request["model"] == "UnifiedReward-7b-v1.5" and request["temperature"] == 0
         assert "max_tokens" not in request  # the server's default, as upstream
         assert image.size == (512, 512) and image.mode == "RGB"
-        assert text.startswith("<image>\nYou are given a text caption and a generated image based on that caption.")
-        assert "assign a score from 1 to 5 after 'Final Score:'." in text
+        assert text.startswith("<image>\n") and "Alignment with the Caption" in text and "Overall Image Quality" in text
+        assert "score from 1 to 5 after 'Final Score:'." in text
         caption = text.rsplit("Text Caption: ", 1)[1]
         texts[caption] = np.asarray(image)
     assert set(texts) == {"[a red apple]", "[two {braces} and a [bracket]]"}
