@@ -201,19 +201,6 @@ def initial_latents(seeds: Sequence[int], channels: int, height: int, width: int
             for seed in seeds}
 
 
-def _diffusers_lora_scale_fix(pipe, lora_dir: str, adapter_name: str) -> None:
-    """Checkpoints saved without adapter metadata lose lora_alpha: diffusers then assumes alpha = rank, i.e.
-    half the trained update for our r=32, alpha=64. Restore the trainer's alpha/rank as the adapter weight."""
-    from .trainer_common import LORA_ALPHA, LORA_RANK
-
-    _, metadata = type(pipe).lora_state_dict(lora_dir, return_lora_metadata=True)
-    if metadata:
-        return
-    logger.warning("%s has no LoRA metadata (lora_alpha): assuming the trainer's alpha=%d, rank=%d",
-                   lora_dir, LORA_ALPHA, LORA_RANK)
-    pipe.set_adapters([adapter_name], adapter_weights=[LORA_ALPHA / LORA_RANK])
-
-
 def _load_peft_adapter(transformer, adapter_dir: str) -> None:
     """Upstream's PEFT `save_pretrained` folder, injected into the transformer in place (its keys carry the
     PeftModel wrapper prefix, stripped here)."""
@@ -240,7 +227,6 @@ def load_pipeline(pretrained_model: str, checkpoint: Checkpoint, dtype: str, dev
     if checkpoint.layout == "diffusers":
         adapter_name = f"checkpoint_{checkpoint.epoch}"
         pipe.load_lora_weights(checkpoint.path, adapter_name=adapter_name)
-        _diffusers_lora_scale_fix(pipe, checkpoint.path, adapter_name)
     elif checkpoint.layout == "peft":
         _load_peft_adapter(pipe.transformer, checkpoint.path)
     pipe.to(device)

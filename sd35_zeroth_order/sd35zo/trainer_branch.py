@@ -22,8 +22,8 @@ from .rewards import submit_scores
 from .sampling import decode_latents, initial_latents
 from .sampling_branch import exploration_weights, mean_active_k, sample_branches
 from .trainer_common import (IMAGE_LOG_EVERY, Run, add_lora, collate, count_inner_epoch_updates, ema_step,
-                             finish_epoch, gathered_reward_means, load_checkpoint, log_step_means, optimizer_step,
-                             policy_velocity, rows_loss, save_checkpoint, seeded_generator, setup as setup_common)
+                             gathered_reward_means, load_checkpoint, log_step_means, optimizer_step, policy_velocity,
+                             rows_loss, run_epochs, save_checkpoint, seeded_generator, setup as setup_common)
 
 __all__ = ["setup", "train", "add_lora", "save_checkpoint", "load_checkpoint"]
 
@@ -198,33 +198,31 @@ def update(run: Run, table: dict, anchors: dict, prompts: dict, advantages: torc
 
 # ------------------------------------------------------------------------------------------------ the loop
 
+def train_one_epoch(run: Run, epoch: int) -> dict:
+    """sample + score -> advantages -> rows -> update; returns the phase timings."""
+    started = time.time()
+    sampled = sample_epoch(run, epoch)                                   # sample + score
+    stats = sampled["stats"]
+    run.logger.log({"2b_useful_row_steps": stats["useful"], "2b_processed_row_steps": stats["processed"],
+                    "2b_padded_row_steps": stats["processed"] - stats["useful"],
+                    "2b_padding_ratio": (stats["processed"] - stats["useful"]) / max(stats["processed"], 1)},
+                   run.global_step)
+    sample_time = time.time() - started - stats["reward_wait_time"]
+    advantages, adv_metrics = compute_advantages(run, sampled, epoch)   # advantages
+    run.logger.log(adv_metrics, run.global_step)
+    if epoch % IMAGE_LOG_EVERY == 0:
+        images, prompts = sampled["first_rollout"]
+        run.logger.log_images(images, prompts, sampled["scores"][0]["avg"], epoch)
+    table, anchors, prompts = build_rows(run, sampled)
+    del sampled
+    update_started = time.time()
+    update(run, table, anchors, prompts, advantages, epoch)             # update
+    return {"sample_time_per_epoch": sample_time, "reward_wait_time_per_epoch": stats["reward_wait_time"],
+            "train_time_per_epoch": time.time() - update_started,
+            "optimizer_updates_target_per_epoch": run.budget.updates_per_epoch * run.config.train.num_inner_epochs}
+
+
 def train(config, accelerator) -> Run:
-    """Run epochs `run.epoch .. num_epochs-1`; evaluate/save after epochs whose count hits eval_freq /
-    save_freq, and always after the last one."""
-    run = setup(config, accelerator)
-    while run.epoch < config.num_epochs:
-        epoch, started = run.epoch, time.time()
-        sampled = sample_epoch(run, epoch)                                   # sample + score
-        stats = sampled["stats"]
-        run.logger.log({"2b_useful_row_steps": stats["useful"], "2b_processed_row_steps": stats["processed"],
-                        "2b_padded_row_steps": stats["processed"] - stats["useful"],
-                        "2b_padding_ratio": (stats["processed"] - stats["useful"]) / max(stats["processed"], 1)},
-                       run.global_step)
-        sample_time = time.time() - started - stats["reward_wait_time"]
-        advantages, adv_metrics = compute_advantages(run, sampled, epoch)   # advantages
-        run.logger.log(adv_metrics, run.global_step)
-        if epoch % IMAGE_LOG_EVERY == 0:
-            images, prompts = sampled["first_rollout"]
-            rewards = sampled["scores"][0]["avg"].tolist()
-            run.logger.log_images(images, [f"{p[:100]} | avg: {r:.2f}" for p, r in zip(prompts, rewards)], epoch)
-        table, anchors, prompts = build_rows(run, sampled)
-        del sampled
-        run.updates_this_epoch = 0
-        update_started = time.time()
-        update(run, table, anchors, prompts, advantages, epoch)                       # update
-        finish_epoch(run, epoch, {"time_per_epoch": time.time() - started, "sample_time_per_epoch": sample_time,
-                                  "reward_wait_time_per_epoch": stats["reward_wait_time"],
-                                  "train_time_per_epoch": time.time() - update_started,
-                                  "optimizer_updates_target_per_epoch":
-                                      run.budget.updates_per_epoch * config.train.num_inner_epochs})
-    return run
+    """Epochs until num_epochs; evaluate/save when the trained epoch count hits eval_freq / save_freq, and
+    always after the last one."""
+    return run_epochs(setup(config, accelerator), train_one_epoch)

@@ -200,11 +200,14 @@ class MetricLogger:
         if self.wandb is not None:
             self.wandb.log(clean, step=step)
 
-    def log_images(self, images: torch.Tensor, captions: Sequence[str], epoch: int, limit: int = 15) -> None:
-        """Up to `limit` training images (`[n, 3, H, W]` in [0, 1]) of an epoch: `<run_dir>/images/epoch_<e>.jpg`
-        as one grid, and wandb `images` with captions when wandb is on (spec §7.7: every 10 epochs)."""
+    def log_images(self, images: torch.Tensor, prompts: Sequence[str], rewards: torch.Tensor, epoch: int,
+                   limit: int = 15) -> None:
+        """Up to `limit` training images (`[n, 3, H, W]` in [0, 1]) of an epoch with their prompts and rewards
+        `[n]`: `<run_dir>/images/epoch_<e>.jpg` as one grid, and wandb `images` captioned
+        "<prompt[:100]> | avg: <reward>" when wandb is on (spec §7.7: every 10 epochs)."""
         if not self.is_main or images.shape[0] == 0:
             return
+        captions = [f"{p[:100]} | avg: {r:.2f}" for p, r in zip(prompts, rewards.tolist())]
         from PIL import Image
 
         chosen = images[:limit].detach().float().cpu()
@@ -382,6 +385,17 @@ def rows_loss(run: Run, table: dict, anchors: dict, prompts: dict, idx: torch.Te
     return loss, stats
 
 
+def run_epochs(run: Run, train_one_epoch: Callable) -> Run:
+    """Epochs `run.epoch .. num_epochs-1`. `train_one_epoch(run, epoch)` samples, scores and updates and
+    returns its phase timings; `finish_epoch` then logs, evaluates and saves."""
+    while run.epoch < run.config.num_epochs:
+        epoch, started = run.epoch, time.time()
+        run.updates_this_epoch = 0
+        timings = train_one_epoch(run, epoch)
+        finish_epoch(run, epoch, {"time_per_epoch": time.time() - started, **timings})
+    return run
+
+
 def finish_epoch(run: Run, epoch: int, timings: dict) -> None:
     """End of epoch `epoch`: log its timings, memory and update count; evaluate and save when the trained
     epoch count hits eval_freq / save_freq, and always after the last epoch (upstream never did, §7.10)."""
@@ -495,12 +509,20 @@ def _eval_kl_probe(run: Run, velocity, visited, sigmas, kl_sum: float, kl_count:
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 
-def save_checkpoint(run: Run, epoch: int) -> str:
-    """`checkpoint-<epoch>/lora/` (diffusers `save_lora_weights`, EMA weights when train.ema) and
-    `training_state.pt` (live LoRA, optimizer, EMA, RNG, counters): everything `load_checkpoint` needs."""
+def save_lora(transformer, directory: str) -> None:
+    """The transformer's LoRA as diffusers `save_lora_weights` writes it, with the adapter config in the file's
+    metadata so `load_lora_weights` applies alpha/r = 2 (without it diffusers assumes alpha = r: half strength)."""
     from diffusers import StableDiffusion3Pipeline
     from peft.utils import get_peft_model_state_dict
 
+    lora = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
+    StableDiffusion3Pipeline.save_lora_weights(directory, transformer_lora_layers=lora,
+                                               transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
+
+
+def save_checkpoint(run: Run, epoch: int) -> str:
+    """`checkpoint-<epoch>/lora/` (`save_lora`, EMA weights when train.ema) and `training_state.pt` (live
+    LoRA, optimizer, EMA, RNG, counters): everything `load_checkpoint` needs."""
     path = os.path.join(run.run_dir, "checkpoints", f"checkpoint-{epoch}")
     _check_replicas_agree(run)
     if run.accelerator.is_main_process:
@@ -508,12 +530,7 @@ def save_checkpoint(run: Run, epoch: int) -> str:
         if run.ema is not None:
             run.ema.copy_ema_to(run.params, store_temp=True)
         try:
-            lora = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(run.transformer).items()}
-            # the adapter config travels in the file's metadata, so `load_lora_weights` applies alpha/r = 2
-            # (without it diffusers assumes alpha = r and the LoRA loads at half strength)
-            StableDiffusion3Pipeline.save_lora_weights(
-                os.path.join(path, "lora"), transformer_lora_layers=lora,
-                transformer_lora_adapter_metadata=run.transformer.peft_config["default"].to_dict())
+            save_lora(run.transformer, os.path.join(path, "lora"))
         finally:
             if run.ema is not None:
                 run.ema.copy_temp_to(run.params)

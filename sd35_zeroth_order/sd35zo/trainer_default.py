@@ -28,9 +28,9 @@ from .advantages import gather_group_advantages, mean_group_size, mean_group_std
 from .prompt_samplers import EpochPromptSampler
 from .rewards import submit_scores
 from .sampling import decode_latents, initial_latents, sample_sde_trajectory
-from .trainer_common import (IMAGE_LOG_EVERY, Run, collate, count_inner_epoch_updates, ema_step, finish_epoch,
+from .trainer_common import (IMAGE_LOG_EVERY, Run, collate, count_inner_epoch_updates, ema_step,
                              gathered_reward_means, log_step_means, optimizer_step, policy_velocity, rows_loss,
-                             seeded_generator, setup as setup_common)
+                             run_epochs, seeded_generator, setup as setup_common)
 
 __all__ = ["setup", "train", "select_training_samples"]
 
@@ -176,42 +176,34 @@ def update(run: Run, table: dict, prompts: dict, advantages: torch.Tensor, chose
         count_inner_epoch_updates(run, steps_before)
 
 
-def _log_training_images(run: Run, sampled: dict, epoch: int) -> None:
-    """The last rollout's images, captioned with prompt and reward (spec §7.7)."""
-    images = sampled["last_images"]
-    count = images.shape[0]
-    captions = [f"{p[:100]} | avg: {r:.2f}" for p, r in
-                zip(sampled["prompts"][-count:], sampled["rewards"]["avg"][-count:].tolist())]
-    run.logger.log_images(images, captions, epoch)
-
-
 # ------------------------------------------------------------------------------------------------ the loop
 
+def train_one_epoch(run: Run, epoch: int) -> dict:
+    """sample + score -> advantages -> sample selection -> update; returns the phase timings."""
+    started = time.time()
+    sampled = sample_epoch(run, epoch)                                           # sample + score
+    sample_time = time.time() - started - sampled["reward_wait_time"]
+    advantages, adv_metrics, learnable = compute_advantages(run, sampled, epoch)  # advantages
+    run.logger.log(adv_metrics, run.global_step)
+    if epoch % IMAGE_LOG_EVERY == 0:
+        count = sampled["last_images"].shape[0]  # the last rollout's images (spec §7.7)
+        run.logger.log_images(sampled["last_images"], sampled["prompts"][-count:],
+                              sampled["rewards"]["avg"][-count:], epoch)
+    gen = seeded_generator(run.config.seed, run.accelerator.process_index, epoch, 11)
+    chosen = select_training_samples(advantages.cpu(), run.budget.rollouts_per_epoch, learnable, gen)
+    table, prompts = build_rows(sampled)
+    wait_time = sampled["reward_wait_time"]
+    del sampled
+    update_started = time.time()
+    if chosen is None:
+        logger.warning("epoch %d: every advantage is zero on every process; no update this epoch", epoch)
+    else:
+        update(run, table, prompts, advantages, chosen, epoch)                   # update
+    return {"sample_time_per_epoch": sample_time, "reward_wait_time_per_epoch": wait_time,
+            "train_time_per_epoch": time.time() - update_started, "skipped_update": int(chosen is None)}
+
+
 def train(config, accelerator) -> Run:
-    """Run epochs `run.epoch .. num_epochs-1`; evaluate/save after epochs whose count hits eval_freq /
-    save_freq, and always after the last one."""
-    run = setup(config, accelerator)
-    while run.epoch < config.num_epochs:
-        epoch, started = run.epoch, time.time()
-        sampled = sample_epoch(run, epoch)                                   # sample + score
-        sample_time = time.time() - started - sampled["reward_wait_time"]
-        advantages, adv_metrics, learnable = compute_advantages(run, sampled, epoch)   # advantages
-        run.logger.log(adv_metrics, run.global_step)
-        if epoch % IMAGE_LOG_EVERY == 0:
-            _log_training_images(run, sampled, epoch)
-        gen = seeded_generator(config.seed, accelerator.process_index, epoch, 11)
-        chosen = select_training_samples(advantages.cpu(), run.budget.rollouts_per_epoch, learnable, gen)
-        table, prompts = build_rows(sampled)
-        wait_time = sampled["reward_wait_time"]
-        del sampled
-        run.updates_this_epoch = 0
-        update_started = time.time()
-        if chosen is None:
-            logger.warning("epoch %d: every advantage is zero on every process; no update this epoch", epoch)
-        else:
-            update(run, table, prompts, advantages, chosen, epoch)            # update
-        finish_epoch(run, epoch, {"time_per_epoch": time.time() - started, "sample_time_per_epoch": sample_time,
-                                  "reward_wait_time_per_epoch": wait_time,
-                                  "train_time_per_epoch": time.time() - update_started,
-                                  "skipped_update": int(chosen is None)})   # log, eval, checkpoint
-    return run
+    """Epochs until num_epochs; evaluate/save when the trained epoch count hits eval_freq / save_freq, and
+    always after the last one."""
+    return run_epochs(setup(config, accelerator), train_one_epoch)

@@ -73,22 +73,20 @@ def model():
 
 @pytest.fixture(scope="module")
 def checkpoints(model, tmp_path_factory, one_cpu_thread):
-    """checkpoint-1: ours (diffusers save_lora_weights in lora/, as save_checkpoint writes it, no metadata);
+    """checkpoint-1: ours (diffusers save_lora_weights in lora/ with the adapter metadata, as save_checkpoint);
     checkpoint-2: upstream PEFT save_pretrained in lora/; checkpoint-3: the same PEFT files directly in it.
     Returns the root and the two trained transformers (with their adapters active) for reference images."""
-    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import SD3Transformer2DModel
     from peft import LoraConfig, get_peft_model
-    from peft.utils import get_peft_model_state_dict
 
     from sd35zo.trainer_branch import add_lora
-    from sd35zo.trainer_common import LORA_ALPHA, LORA_RANK, LORA_TARGETS
+    from sd35zo.trainer_common import LORA_ALPHA, LORA_RANK, LORA_TARGETS, save_lora
 
     root = tmp_path_factory.mktemp("run") / "checkpoints"
     ours = SD3Transformer2DModel.from_pretrained(model, subfolder="transformer")
     add_lora(ours)
     _perturb_lora_b(ours, seed=1)
-    lora = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(ours).items()}
-    StableDiffusion3Pipeline.save_lora_weights(str(root / "checkpoint-1" / "lora"), transformer_lora_layers=lora)
+    save_lora(ours, str(root / "checkpoint-1" / "lora"))  # what save_checkpoint writes
 
     upstream = get_peft_model(SD3Transformer2DModel.from_pretrained(model, subfolder="transformer"),
                               LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, init_lora_weights="gaussian",
