@@ -21,14 +21,16 @@ import time
 import numpy as np
 import pytest
 import requests  # what the upstream clients post with (installed with diffusers in this repo's environment)
-from PIL import Image
+from PIL import Image, ImageFile
 
 from shared_rewards.geneval.client import start_server
-from shared_rewards.geneval.protocol import RESPONSE_KEYS, safe_loads
+from shared_rewards.geneval.protocol import MAX_IMAGE_PIXELS, MAX_REQUEST_PIXELS, RESPONSE_KEYS, safe_loads
 from shared_rewards.geneval.serve import (
     WORKER_HEADER,
     bind_socket,
+    build_parser,
     create_server,
+    main,
     parse_options,
     worker_devices,
 )
@@ -188,7 +190,80 @@ def test_malformed_request_gets_400_naming_the_problem(server, payload, reason):
 def test_a_huge_image_is_refused_from_its_header(evaluator):
     with running(evaluator, max_image_pixels=1000) as s:
         answer = upstream_post(s.url, request_for([DOG]))  # 32 x 32 = 1024 pixels
-    assert answer.status_code == 400 and "images[0] is 32x32, over the limit of 1000 pixels" in answer.text
+    assert answer.status_code == 413
+    assert answer.text == ("images[0] is 32x32 = 1024 pixels, over the per-image limit of 1000 pixels "
+                           "(server option --max-image-pixels)\n")
+
+
+@pytest.fixture(scope="module")
+def jpeg_8000_squared():
+    """A valid 8000 x 8000 JPEG of about 1 MB (one flat colour): 64 MP, 25.6 GB of detector masks if decoded."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8000, 8000), (200, 30, 30)).save(buffer, format="JPEG")
+    assert len(buffer.getvalue()) < 2_000_000
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def decodes(monkeypatch):
+    """Counts pixel decodes: every PIL decode of a JPEG goes through ImageFile.load (headers do not)."""
+    calls = []
+    real_load = ImageFile.ImageFile.load
+
+    def counting_load(self):
+        calls.append(self.size)
+        return real_load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", counting_load)
+    return calls
+
+
+def test_a_small_8000x8000_jpeg_gets_413_before_any_decode_and_the_server_keeps_serving(
+        server, jpeg_8000_squared, decodes):
+    payload = {"images": [upstream_jpeg(image()), jpeg_8000_squared], "meta_datas": [DOG, DOG], "only_strict": True}
+    start = time.monotonic()
+    answer = upstream_post(server.url, payload)
+    assert time.monotonic() - start < 5  # reading two headers, not decoding 64 MP
+    assert answer.status_code == 413
+    assert answer.text == (f"images[1] is 8000x8000 = 64000000 pixels, over the per-image limit of "
+                           f"{MAX_IMAGE_PIXELS} pixels (server option --max-image-pixels)\n")
+    assert decodes == []  # not even the legal images[0]: every header is checked first
+    assert requests.get(server.url + "/health", timeout=10).status_code == 200
+    assert pickle.loads(upstream_post(server.url, GOOD).content)["scores"] == [-2.0]
+    assert decodes and set(decodes) == {(32, 32)}  # the counter does see a legal request's decode
+
+
+def test_legal_images_over_the_request_total_get_413_and_just_under_the_limits_score(evaluator, decodes):
+    # 32 x 32 = 1024 pixels each: at the per-image limit; five of them are 5120 > 5000, four are 4096
+    with running(evaluator, max_image_pixels=1024, max_request_pixels=5000) as s:
+        over = upstream_post(s.url, request_for([DOG] * 5, only_strict=True))
+        assert over.status_code == 413
+        assert over.text == ("the request's 5 images have 5120 pixels in all, over the per-request limit of 5000 "
+                             "pixels (server option --max-request-pixels); send fewer images per request\n")
+        assert decodes == []
+        under = upstream_post(s.url, request_for([DOG] * 4, only_strict=True))
+        assert under.status_code == 200, under.text
+        assert pickle.loads(under.content)["scores"] == [-2.0] * 4
+        health = requests.get(s.url + "/health", timeout=10).json()
+    assert health["max_image_pixels"] == 1024 and health["max_request_pixels"] == 5000
+
+
+def test_default_pixel_limits_admit_training_and_eval_chunks_and_refuse_8000_squared():
+    chunk = 64  # the client's batch_size, as upstream
+    assert chunk * 512 * 512 * 2 <= MAX_REQUEST_PIXELS and chunk * 1024 * 1024 * 2 <= MAX_REQUEST_PIXELS
+    assert 1024 * 1024 * 2 <= MAX_IMAGE_PIXELS < 8000 * 8000
+    # what the limits bound: ~1.7 kB of float32 masks per pixel of one image, 3 B per decoded request pixel
+    assert MAX_IMAGE_PIXELS * 100 * 4 * 4 < 4e9 and MAX_REQUEST_PIXELS * 3 < 0.5e9
+
+
+@pytest.mark.parametrize("flag", ["--max-image-pixels", "--max-request-pixels"])
+def test_pixel_limit_flags_are_shown_and_must_be_positive(flag, caplog):
+    assert flag in build_parser().format_help()
+    with caplog.at_level(logging.ERROR, logger="shared_rewards.geneval.serve"):
+        assert main([flag, "0", "--device", "cpu", "--port", "0"]) == 2
+    assert f"{flag} must be a positive number of pixels, got 0" in caplog.text
+    with pytest.raises(ValueError, match=f"{flag[2:].replace('-', '_')} must be a positive int, got -1"):
+        create_server(lambda *a: {}, port=0, **{flag[2:].replace("-", "_"): -1})
 
 
 def raw_exchange(url, head: bytes, timeout=10.0) -> bytes:

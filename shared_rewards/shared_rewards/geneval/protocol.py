@@ -14,19 +14,29 @@ import pickle
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
 from .vocabulary import TAGS
 
 REQUEST_KEYS = ("images", "meta_datas", "only_strict")
 RESPONSE_KEYS = ("scores", "rewards", "strict_rewards", "group_rewards", "group_strict_rewards")
 JPEG_QUALITY = 75  # PIL's default, which the upstream clients use
-# A 2048 x 2048 image is 4.2 MP; anything far beyond this in a reward request is a mistake or an attack.
-MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+# Pixel limits, checked from the JPEG headers before anything is decoded. The detector's mask post-processing
+# holds about four float32 [100 queries, H, W] tensors of one image (~1.7 kB per pixel), and a request's images
+# stay decoded as uint8 RGB (3 B per pixel). Training posts chunks of 64 images of 512 x 512 (16 MP), evaluation
+# up to 64 of 1024 x 1024 (64 MP); the defaults admit twice the largest of each, so one image's masks stay under
+# ~3.6 GB (2 MP) and a request's decoded pixels under ~400 MB (128 MP), where one 1 MB JPEG of 8000 x 8000
+# (64 MP) would ask the detector for 25.6 GB.
+MAX_IMAGE_PIXELS = 2 * 1024 * 1024
+MAX_REQUEST_PIXELS = 128 * 1024 * 1024
 
 
 class ProtocolError(ValueError):
     """A request or response that does not follow the wire format; the message is one line."""
+
+
+class PixelLimitError(ProtocolError):
+    """An image, or a request's images together, with more pixels than the server decodes (HTTP 413)."""
 
 
 class _PlainDataUnpickler(pickle.Unpickler):
@@ -59,20 +69,49 @@ def encode_jpeg(image: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
     return buffer.getvalue()
 
 
-def decode_jpeg(data: Any, index: int, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
-    """JPEG bytes -> [H, W, 3] uint8 RGB. Only JPEG is opened (as upstream: PNG bytes fail)."""
+def _open_jpeg(data: Any, index: int) -> JpegImagePlugin.JpegImageFile:
+    """Reads only the JPEG header: size and mode are known, no pixel is decoded yet. JpegImageFile directly,
+    not Image.open, whose decompression-bomb check would refuse a huge header before our limit could name it."""
     if not isinstance(data, (bytes, bytearray)):
         raise ProtocolError(f"images[{index}] must be JPEG bytes, got {type(data).__name__}")
     try:
-        with Image.open(io.BytesIO(data), formats=["JPEG"]) as image:
-            width, height = image.size  # read from the header, before any pixel is decoded
-            if width * height > max_pixels:
-                raise ProtocolError(f"images[{index}] is {width}x{height}, over the limit of {max_pixels} pixels")
-            return np.array(image.convert("RGB"))  # [H, W, 3] uint8, writable
-    except ProtocolError:
-        raise
-    except Exception as exc:
+        return JpegImagePlugin.JpegImageFile(io.BytesIO(data))
+    except Exception as exc:  # not a JPEG (SyntaxError), a broken header (OSError, struct.error, ...)
         raise ProtocolError(f"images[{index}] is not a decodable JPEG ({type(exc).__name__})") from None
+
+
+def _decode(image: JpegImagePlugin.JpegImageFile, index: int) -> np.ndarray:
+    try:
+        with image:
+            return np.array(image.convert("RGB"))  # [H, W, 3] uint8, writable
+    except Exception as exc:  # truncated or corrupt scan data
+        raise ProtocolError(f"images[{index}] is not a decodable JPEG ({type(exc).__name__})") from None
+
+
+def decode_jpeg(data: Any, index: int, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """JPEG bytes -> [H, W, 3] uint8 RGB. Only JPEG is opened (as upstream: PNG bytes fail); an image over
+    `max_pixels` is refused from its header with PixelLimitError."""
+    return decode_jpegs([data], max_pixels, max_pixels, first_index=index)[0]
+
+
+def decode_jpegs(images: Sequence[Any], max_image_pixels: int = MAX_IMAGE_PIXELS,
+                 max_request_pixels: int = MAX_REQUEST_PIXELS, first_index: int = 0) -> list[np.ndarray]:
+    """A request's JPEG bytes -> [H, W, 3] uint8 RGB arrays. Every header is read and both pixel limits are
+    checked before the first image is decoded, so a refused request costs no pixel memory."""
+    opened = [_open_jpeg(data, first_index + i) for i, data in enumerate(images)]
+    total = 0
+    for i, image in enumerate(opened):
+        width, height = image.size
+        if width * height > max_image_pixels:
+            raise PixelLimitError(f"images[{first_index + i}] is {width}x{height} = {width * height} pixels, over "
+                                  f"the per-image limit of {max_image_pixels} pixels (server option "
+                                  f"--max-image-pixels)")
+        total += width * height
+    if total > max_request_pixels:
+        raise PixelLimitError(f"the request's {len(opened)} images have {total} pixels in all, over the per-request "
+                              f"limit of {max_request_pixels} pixels (server option --max-request-pixels); send "
+                              f"fewer images per request")
+    return [_decode(image, first_index + i) for i, image in enumerate(opened)]
 
 
 def parse_request(body: bytes) -> tuple[list[Any], list[Any], bool]:

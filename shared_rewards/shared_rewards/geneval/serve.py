@@ -8,7 +8,8 @@ POST `/`: body `pickle.dumps({"images": [JPEG bytes], "meta_datas": [dict], "onl
 GET `/health`: 200 with JSON (device, backend, ready, pid, worker).
 
 Unlike upstream, the request is unpickled with no globals allowed (a crafted pickle cannot run code), the body
-size is capped (413), images must be JPEG, metadata is checked, and every failure is a 4xx/500 with a one-line
+size is capped (413), images must be JPEG and their decoded pixels are capped per image and per request from
+the JPEG headers, before any decode (413), metadata is checked, and every failure is a 4xx/500 with a one-line
 plain-text reason while the server keeps serving. It binds 127.0.0.1 unless --host says otherwise: pickle
 over HTTP is still a protocol to keep off shared networks.
 
@@ -37,7 +38,16 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .protocol import MAX_IMAGE_PIXELS, RESPONSE_KEYS, ProtocolError, check_response, decode_jpeg, parse_request
+from .protocol import (
+    MAX_IMAGE_PIXELS,
+    MAX_REQUEST_PIXELS,
+    RESPONSE_KEYS,
+    PixelLimitError,
+    ProtocolError,
+    check_response,
+    decode_jpegs,
+    parse_request,
+)
 
 logger = logging.getLogger("shared_rewards.geneval.serve")
 
@@ -107,7 +117,8 @@ class GenEvalServer(ThreadingHTTPServer):
     block_on_close = False
 
     def __init__(self, evaluator: Evaluator, sock: socket.socket, *, max_body_bytes: int, info: dict,
-                 one_at_a_time: bool, show_traceback: bool, read_timeout: float, max_image_pixels: int):
+                 one_at_a_time: bool, show_traceback: bool, read_timeout: float, max_image_pixels: int,
+                 max_request_pixels: int):
         super().__init__(sock.getsockname()[:2], _Handler, bind_and_activate=False)
         self.socket.close()
         # Workers sharing the socket all wake for one connection; the losers must go back to select(), not
@@ -122,6 +133,7 @@ class GenEvalServer(ThreadingHTTPServer):
         self.show_traceback = show_traceback
         self.read_timeout = read_timeout
         self.max_image_pixels = max_image_pixels
+        self.max_request_pixels = max_request_pixels
         self.lock = threading.Lock()  # one model per process: evaluator calls run one at a time
         self.requests_served = 0
 
@@ -131,7 +143,8 @@ class GenEvalServer(ThreadingHTTPServer):
 
     def health(self) -> dict:
         return {"status": "ok", "ready": True, "pid": os.getpid(), "requests_served": self.requests_served,
-                "max_body_bytes": self.max_body_bytes, **self.info}
+                "max_body_bytes": self.max_body_bytes, "max_image_pixels": self.max_image_pixels,
+                "max_request_pixels": self.max_request_pixels, **self.info}
 
     def process_request(self, request, client_address):
         if self.one_at_a_time:  # gunicorn-sync: not accepting while busy lets an idle worker take the next one
@@ -147,13 +160,17 @@ def create_server(evaluator: Evaluator, host: str = DEFAULT_HOST, port: int = DE
                   sock: socket.socket | None = None, max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 2**20),
                   device: str = "?", backend: str = "?", worker: int = 0, workers: int = 1,
                   one_at_a_time: bool = False, show_traceback: bool = False, read_timeout: float = 60.0,
-                  max_image_pixels: int = MAX_IMAGE_PIXELS) -> GenEvalServer:
+                  max_image_pixels: int = MAX_IMAGE_PIXELS, max_request_pixels: int = MAX_REQUEST_PIXELS
+                  ) -> GenEvalServer:
     """A server around any `evaluator(images, metadatas, only_strict) -> dict`, bound to host:port (or to
     `sock`, a listening socket shared by pre-forked workers). `device`/`backend` are reported by /health."""
     if not callable(evaluator):
         raise TypeError(f"geneval server: evaluator must be callable, got {type(evaluator).__name__}")
     if max_body_bytes <= 0:
         raise ValueError(f"geneval server: max_body_bytes must be positive, got {max_body_bytes}")
+    for key, value in (("max_image_pixels", max_image_pixels), ("max_request_pixels", max_request_pixels)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"geneval server: {key} must be a positive int, got {value!r}")
     if sock is None:
         sock = bind_socket(host, port)
     host = sock.getsockname()[0]
@@ -162,7 +179,8 @@ def create_server(evaluator: Evaluator, host: str = DEFAULT_HOST, port: int = DE
                        "talks to this process; keep it on a private network or use an SSH tunnel", host)
     info = {"device": str(device), "backend": str(backend), "worker": worker, "workers": workers}
     return GenEvalServer(evaluator, sock, max_body_bytes=max_body_bytes, info=info, one_at_a_time=one_at_a_time,
-                         show_traceback=show_traceback, read_timeout=read_timeout, max_image_pixels=max_image_pixels)
+                         show_traceback=show_traceback, read_timeout=read_timeout, max_image_pixels=max_image_pixels,
+                         max_request_pixels=max_request_pixels)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -239,7 +257,9 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             images, metadatas, only_strict = parse_request(body)
             metadatas = _validate_metadatas(metadatas)
-            arrays = [decode_jpeg(data, i, self.server.max_image_pixels) for i, data in enumerate(images)]
+            arrays = decode_jpegs(images, self.server.max_image_pixels, self.server.max_request_pixels)
+        except PixelLimitError as exc:
+            return self._fail(413, str(exc))
         except ProtocolError as exc:
             return self._fail(400, str(exc))
         try:
@@ -329,7 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="scoring/evaluator option passed to load_evaluator, repeatable (e.g. threshold=0.3)")
     p.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_MB, help="request body limit (413 above)")
-    p.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, help="per-image pixel limit (400)")
+    p.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
+                   help="decoded pixels allowed in one image, W x H read from its JPEG header before any decode "
+                        "(413 above; default %(default)s = 2 x a 1024 x 1024 image)")
+    p.add_argument("--max-request-pixels", type=int, default=MAX_REQUEST_PIXELS,
+                   help="decoded pixels allowed in one request's images together (413 above; default %(default)s "
+                        "= 2 x a chunk of 64 images of 1024 x 1024)")
     p.add_argument("--read-timeout", type=float, default=60.0, help="seconds a client may stall while sending")
     p.add_argument("--traceback", action="store_true", help="put the full traceback in 500 bodies (upstream did)")
     p.add_argument("--log-level", default="INFO")
@@ -373,7 +398,8 @@ def _serve(args: argparse.Namespace, sock: socket.socket, device: str, label: st
     server = create_server(evaluator, sock=sock, max_body_bytes=int(args.max_body_mb * 2**20), device=label,
                            backend=args.backend, worker=args.worker_index, workers=workers,
                            one_at_a_time=workers > 1, show_traceback=args.traceback,
-                           read_timeout=args.read_timeout, max_image_pixels=args.max_image_pixels)
+                           read_timeout=args.read_timeout, max_image_pixels=args.max_image_pixels,
+                           max_request_pixels=args.max_request_pixels)
     logger.info("worker %d (pid %d) ready on %s, device %s, backend %s, loaded in %.1f s", args.worker_index,
                 os.getpid(), server.url, label, args.backend, time.perf_counter() - start)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -402,7 +428,8 @@ def _supervise(args: argparse.Namespace, sock: socket.socket, devices: list[str]
         cmd = [sys.executable, "-m", "shared_rewards.geneval.serve", "--worker-fd", str(sock.fileno()),
                "--worker-index", str(i), "--workers", str(len(devices)), "--device", inner, "--device-label", device,
                "--backend", args.backend, "--max-body-mb", str(args.max_body_mb), "--max-image-pixels",
-               str(args.max_image_pixels), "--read-timeout", str(args.read_timeout), "--log-level", args.log_level]
+               str(args.max_image_pixels), "--max-request-pixels", str(args.max_request_pixels),
+               "--read-timeout", str(args.read_timeout), "--log-level", args.log_level]
         cmd += [a for k, v in (("--detector", args.detector), ("--clip", args.clip)) if v is not None for a in (k, v)]
         cmd += [a for option in args.option for a in ("--option", option)]
         cmd += ["--traceback"] if args.traceback else []
@@ -448,6 +475,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         devices = worker_devices(args.device, args.workers)
         if args.max_body_mb <= 0:
             raise ValueError(f"--max-body-mb must be positive, got {args.max_body_mb}")
+        for flag, value in (("--max-image-pixels", args.max_image_pixels),
+                            ("--max-request-pixels", args.max_request_pixels)):
+            if value <= 0:
+                raise ValueError(f"{flag} must be a positive number of pixels, got {value}")
         parse_options(args.option)
         sock = bind_socket(args.host, args.port)
     except (ValueError, OSError) as exc:
