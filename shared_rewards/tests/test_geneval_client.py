@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -22,7 +23,14 @@ from PIL import Image
 
 from shared_rewards import CATALOGUE, RewardInputError, load_reward
 from shared_rewards.geneval import client as client_module
-from shared_rewards.geneval.client import GenEvalServerError, filtered_means, resolve_url, start_server
+from shared_rewards.__main__ import catalogue_rows
+from shared_rewards.geneval.client import (
+    MAX_BACKOFF_S,
+    GenEvalServerError,
+    filtered_means,
+    resolve_url,
+    start_server,
+)
 from shared_rewards.geneval.protocol import decode_jpeg, parse_request
 from shared_rewards.geneval.scoring import ImageResult, batch_response
 from shared_rewards.geneval.serve import create_server
@@ -112,10 +120,12 @@ def test_a_bad_url_is_a_one_line_error(url):
 
 @pytest.mark.parametrize("option, value, message", [
     ("batch_size", 0, "batch_size must be an int >= 1"),
-    ("retries", -1, "retries must be an int >= 0"),
+    ("retry_timeout_s", -1, "retry_timeout_s must be a number of seconds >= 0"),
+    ("retry_timeout_s", float("inf"), "retry_timeout_s must be a number of seconds >= 0"),
     ("jpeg_quality", 101, r"jpeg_quality must be an int in \[1, 100\]"),
     ("timeout", 0, "timeout must be a positive number"),
-    ("backoff", -1.0, "backoff must be >= 0"),
+    ("backoff", 0.0, r"backoff must be in \(0, 4\] seconds"),
+    ("backoff", 10.0, r"backoff must be in \(0, 4\] seconds"),
 ])
 def test_bad_options_are_named(option, value, message):
     with pytest.raises(ValueError, match=message):
@@ -279,23 +289,78 @@ def test_an_upstream_server_without_health_is_accepted_and_503s_are_retried():
     assert out.scores.tolist() == [0.5, 0.5] and handler.attempts == 3
 
 
-def test_persistent_503_gives_up_after_the_retries_naming_url_attempts_and_last_failure():
+def test_persistent_503_gives_up_after_the_retry_budget_naming_url_attempts_option_and_last_failure():
     with scripted([503] * 10) as (url, handler):
-        reward = load_reward("geneval", url=url, retries=2, backoff=0.1)
+        reward = load_reward("geneval", url=url, retry_timeout_s=0.3, backoff=0.1)
         start = time.monotonic()
         with pytest.raises(GenEvalServerError) as info:
             call(reward, [dogs(1)])
         elapsed = time.monotonic() - start
-    assert handler.attempts == 3
-    assert 0.3 <= elapsed < 3.0  # slept 0.1 + 0.2 s
-    assert str(info.value).startswith(f"geneval: {url} failed after 3 attempts in ")
-    assert str(info.value).endswith("last failure: HTTP 503: status 503 from the script")
+    assert handler.attempts == 3  # at once, after sleeping 0.1 s, after sleeping 0.2 s: the 0.3 s budget is spent
+    assert 0.3 <= elapsed < 3.0
+    message = str(info.value)
+    assert message.startswith(f"geneval: {url} failed after 3 attempts in ")
+    assert "(retry_timeout_s=0.3 s after the first failure; raise it to wait longer" in message
+    assert message.endswith("last failure: HTTP 503: status 503 from the script") and "\n" not in message
 
 
-@pytest.mark.parametrize("status", [500, 400, 413])
-def test_a_500_or_4xx_fails_at_once_with_the_servers_reason(status):
+def test_a_server_down_for_2_s_then_back_is_waited_for_with_the_default_budget():
+    handler = type("Handler", (Scripted,), {"script": [], "attempts": 0})
+    first = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    port = first.server_address[1]
+    url = f"http://127.0.0.1:{port}"
+    with serving(first):
+        reward = load_reward("geneval", url=url)
+        assert reward.retry_timeout_s >= 60
+        assert call(reward, [dogs(1)]).scores.tolist() == [0.5]
+    # the server is gone (connections refused) and comes back on the same port 2 s later, as after a restart
+    back = threading.Event()
+    restarted = []
+
+    def restart():
+        time.sleep(2.0)
+        restarted.append(ThreadingHTTPServer(("127.0.0.1", port), handler))
+        back.set()
+        restarted[0].serve_forever(poll_interval=0.05)
+
+    thread = threading.Thread(target=restart, daemon=True)
+    thread.start()
+    try:
+        start = time.monotonic()
+        out = call(reward, [dogs(1), dogs(2)])
+        elapsed = time.monotonic() - start
+    finally:
+        assert back.wait(10)
+        restarted[0].shutdown()
+        restarted[0].server_close()
+        thread.join(timeout=10)
+    assert out.scores.tolist() == [0.5, 0.5]
+    assert 2.0 <= elapsed < 2.0 + MAX_BACKOFF_S + 1.0  # retried until it was back, at most one backoff late
+
+
+def test_a_small_retry_budget_ends_in_bounded_time_with_one_line_naming_the_option():
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens: every attempt is refused at once
+    reward = load_reward("geneval", url=url, check_health=False, retry_timeout_s=0.5)
+    start = time.monotonic()
+    with pytest.raises(GenEvalServerError) as info:
+        call(reward, [dogs(1)])
+    assert 0.5 <= time.monotonic() - start < 2.0
+    message = str(info.value)
+    assert message.startswith(f"geneval: {url} failed after ")
+    assert "retry_timeout_s=0.5 s after the first failure; raise it" in message
+    assert "last failure: ConnectionRefusedError" in message and "\n" not in message
+    assert int(message.split(" failed after ")[1].split()[0]) >= 2  # it did retry
+
+
+def test_the_retry_budget_is_listed_with_the_other_options():
+    options = {name: opts for name, _, _, opts in catalogue_rows()}["geneval"]
+    assert "retry_timeout_s=120.0" in options and "backoff=0.5" in options and "retries" not in options
+
+
+@pytest.mark.parametrize("status", [500, 400, 404, 413, 429])
+def test_a_500_or_4xx_is_not_retried_even_with_a_long_budget(status):
     with scripted([status] * 5) as (url, handler):
-        reward = load_reward("geneval", url=url, retries=3, backoff=5.0)
+        reward = load_reward("geneval", url=url, retry_timeout_s=30, backoff=4.0)
         start = time.monotonic()
         with pytest.raises(GenEvalServerError, match=f"geneval: {url} answered HTTP {status}: status {status} from "
                                                      f"the script$"):
@@ -306,7 +371,7 @@ def test_a_500_or_4xx_fails_at_once_with_the_servers_reason(status):
 def test_a_hung_server_fails_after_the_timeout_without_retrying():
     with socket.create_server(("127.0.0.1", 0)) as listener:  # accepts into its backlog, never answers
         url = f"http://127.0.0.1:{listener.getsockname()[1]}"
-        reward = load_reward("geneval", url=url, check_health=False, timeout=1.0, retries=3, backoff=5.0)
+        reward = load_reward("geneval", url=url, check_health=False, timeout=1.0, retry_timeout_s=30, backoff=4.0)
         start = time.monotonic()
         with pytest.raises(GenEvalServerError, match=f"{url} did not answer 2 images within timeout=1 s"):
             call(reward, [dogs(1), dogs(2)])
@@ -340,7 +405,7 @@ def test_a_server_killed_mid_run_fails_the_client_within_its_bound():
     try:
         url = proc.stdout.readline().strip()
         assert url.startswith("http://127.0.0.1:"), url
-        reward = load_reward("geneval", url=url, retries=2, backoff=0.2, timeout=60)
+        reward = load_reward("geneval", url=url, retry_timeout_s=0.6, backoff=0.2, timeout=60)
         metadatas = [dogs(1)] * 130
         future = reward.score_async(images(130, size=16), [md["prompt"] for md in metadatas], metadatas)
         assert proc.stdout.readline().strip() == "busy"  # chunk 2 of 3 is in the server's hands
@@ -352,7 +417,7 @@ def test_a_server_killed_mid_run_fails_the_client_within_its_bound():
     finally:
         proc.kill()
         proc.wait()
-    # bound: the broken request, then 2 retries refused after sleeping 0.2 + 0.4 s
+    # bound: the broken request, then retries refused after sleeping 0.2 and 0.4 s, the end of the 0.6 s budget
     assert 0.6 <= elapsed < 0.6 + 2.0
     message = str(info.value)
     assert message.startswith(f"geneval: {url} failed after 3 attempts")

@@ -9,8 +9,9 @@ upstream's): `load_reward("geneval", url=...)`.
 Requests follow the upstream client (flow_grpo `geneval_score`): images as PIL JPEG (quality 75) of the
 rounded uint8 images, at most 64 per request in nearly equal chunks (np.array_split), posted one after the
 other and merged in order. Failures differ on purpose: upstream retries up to 1000 times (hours of silence
-for a dead server); here only connection failures and 502/503/504 are retried, `retries` times with
-exponential backoff, and every failure ends in one error naming the URL and the reason.
+for a dead server); here only connection failures and 502/503/504 are retried, for up to `retry_timeout_s`
+seconds after the first failure (long enough for a restarting server) with exponential backoff capped at
+MAX_BACKOFF_S, and every failure ends in one error naming the URL and the reason.
 
 `scores` are the server's partial-credit `scores` (the training reward, spec B.8; not confined to [0, 1]).
 `extras` hold per-image float tensors [B] under the upstream logging names: `strict_accuracy` and
@@ -54,6 +55,10 @@ DEFAULT_URL = "http://127.0.0.1:18085"  # upstream gunicorn.conf.py bind
 URL_ENV = ("RSM_GENEVAL_URL", "TEMPFLOW_GENEVAL_REWARD_URL")  # ours first, then the upstream name
 GROUP_FILLER = -10.0  # upstream's value for rows of another tag
 RETRY_STATUSES = (502, 503, 504)  # a proxy or a restarting server; anything else will not get better
+# A restarted server imports torch and loads Mask2Former and CLIP ViT-L before it listens again (tens of
+# seconds on a GPU node); two minutes rides that out, where a few retries in ~7 s ended the training run.
+DEFAULT_RETRY_TIMEOUT_S = 120.0
+MAX_BACKOFF_S = 4.0  # polls a restarting server at least this often, so training resumes soon after it is back
 
 
 class GenEvalServerError(RuntimeError):
@@ -93,34 +98,39 @@ class GenEvalReward(Reward):
     weights_source = "a GenEval reward server: python -m shared_rewards.geneval.serve (see start_server)"
 
     def __init__(self, device="cpu", dtype=torch.float32, *, url: str | None = None, only_strict: bool = True,
-                 batch_size: int = 64, jpeg_quality: int = JPEG_QUALITY, timeout: float = 120.0, retries: int = 3,
-                 backoff: float = 1.0, connect_timeout: float = 10.0, check_health: bool = True,
+                 batch_size: int = 64, jpeg_quality: int = JPEG_QUALITY, timeout: float = 120.0,
+                 retry_timeout_s: float = DEFAULT_RETRY_TIMEOUT_S, backoff: float = 0.5,
+                 connect_timeout: float = 10.0, check_health: bool = True,
                  health_timeout: float = 5.0, check_prompts: bool = True):
         """url: server address (default: $RSM_GENEVAL_URL, $TEMPFLOW_GENEVAL_REWARD_URL, http://127.0.0.1:18085).
         only_strict: skip the benchmark rule on the server (training; upstream default there). batch_size:
         images per request (upstream 64). jpeg_quality: 75 is PIL's default, as upstream. timeout: seconds
         to wait for one answer (upstream 120); a timed-out request is not retried, since the server is still
-        busy with it. retries: extra attempts after a connection failure or 502/503/504, sleeping
-        backoff * 2**k s before attempt k+1. check_health: GET /health now, so a missing server fails here
-        and not at the first reward. check_prompts: each metadata's "prompt" must equal the prompt given."""
+        busy with it. retry_timeout_s: after a connection failure or 502/503/504, keep retrying for this many
+        seconds (0: never retry), sleeping backoff * 2**k s (at most MAX_BACKOFF_S) before retry k+1.
+        check_health: GET /health now, so a missing server fails here and not at the first reward.
+        check_prompts: each metadata's "prompt" must equal the prompt given."""
         super().__init__(device, dtype)
         self.url = resolve_url(url)
-        for key, value, low in (("batch_size", batch_size, 1), ("retries", retries, 0)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{self.name}: {key} must be an int >= {low}, got {value!r}")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"{self.name}: batch_size must be an int >= 1, got {batch_size!r}")
         if not isinstance(jpeg_quality, int) or not 1 <= jpeg_quality <= 100:
             raise ValueError(f"{self.name}: jpeg_quality must be an int in [1, 100], got {jpeg_quality!r}")
         for key, value in (("timeout", timeout), ("connect_timeout", connect_timeout),
                            ("health_timeout", health_timeout)):
             if not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{self.name}: {key} must be a positive number of seconds, got {value!r}")
-        if not isinstance(backoff, (int, float)) or backoff < 0:
-            raise ValueError(f"{self.name}: backoff must be >= 0 seconds, got {backoff!r}")
+        if isinstance(retry_timeout_s, bool) or not isinstance(retry_timeout_s, (int, float)) \
+                or not 0 <= retry_timeout_s < math.inf:
+            raise ValueError(f"{self.name}: retry_timeout_s must be a number of seconds >= 0, got {retry_timeout_s!r}")
+        if isinstance(backoff, bool) or not isinstance(backoff, (int, float)) or not 0 < backoff <= MAX_BACKOFF_S:
+            # 0 would hammer a restarting server with thousands of attempts
+            raise ValueError(f"{self.name}: backoff must be in (0, {MAX_BACKOFF_S:g}] seconds, got {backoff!r}")
         self.only_strict = bool(only_strict)
         self.batch_size = batch_size
         self.jpeg_quality = jpeg_quality
         self.timeout = float(timeout)
-        self.retries = retries
+        self.retry_timeout_s = float(retry_timeout_s)
         self.backoff = float(backoff)
         self.connect_timeout = float(connect_timeout)
         self.check_prompts = check_prompts
@@ -178,15 +188,23 @@ class GenEvalReward(Reward):
             raise GenEvalServerError(f"{self.name}: a request of {batch} images is {len(body)} bytes, over the limit "
                                      f"of {self.server_max_body_bytes} bytes of the server at {self.url}; lower "
                                      f"batch_size or start the server with a larger --max-body-mb")
-        attempts = self.retries + 1
         start = time.monotonic()
+        attempts = 0
+        first_failure: float | None = None  # the budget counts from here: a long answer spends none of it
         last = ""
-        for attempt in range(attempts):
-            if attempt:
-                delay = self.backoff * 2 ** (attempt - 1)
-                logger.warning("%s: %s failed (%s); retry %d/%d in %.1f s", self.name, self.url, last, attempt,
-                               self.retries, delay)
+        while True:
+            if first_failure is not None:
+                waited = time.monotonic() - first_failure
+                if waited >= self.retry_timeout_s:
+                    raise GenEvalServerError(
+                        f"{self.name}: {self.url} failed after {attempts} attempts in {time.monotonic() - start:.1f} s "
+                        f"(retry_timeout_s={self.retry_timeout_s:g} s after the first failure; raise it to wait "
+                        f"longer for a restarting server); last failure: {last}")
+                delay = min(self.backoff * 2 ** min(attempts - 1, 16), MAX_BACKOFF_S, self.retry_timeout_s - waited)
+                logger.warning("%s: %s failed (%s); retry %d in %.1f s (%.0f of retry_timeout_s=%g s used)",
+                               self.name, self.url, last, attempts, delay, waited, self.retry_timeout_s)
                 time.sleep(delay)
+            attempts += 1
             try:
                 status, payload = self._request("POST", self._path, body, self.timeout)
             except TimeoutError:
@@ -195,6 +213,7 @@ class GenEvalReward(Reward):
                     f"(not retried: the server is still busy with them); raise timeout or lower batch_size") from None
             except (OSError, http.client.HTTPException) as exc:  # refused, reset, closed before answering
                 last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                first_failure = time.monotonic() if first_failure is None else first_failure
                 continue
             if status == 200:
                 try:
@@ -204,10 +223,9 @@ class GenEvalReward(Reward):
             reason = _first_line(payload.decode("utf-8", "replace")) or http.client.responses.get(status, "")
             if status in RETRY_STATUSES:
                 last = f"HTTP {status}: {reason}"
+                first_failure = time.monotonic() if first_failure is None else first_failure
                 continue
             raise GenEvalServerError(f"{self.name}: {self.url} answered HTTP {status}: {reason}")
-        raise GenEvalServerError(f"{self.name}: {self.url} failed after {attempts} attempts in "
-                                 f"{time.monotonic() - start:.1f} s; last failure: {last}")
 
     # --- scoring ---------------------------------------------------------------------------------------
 
