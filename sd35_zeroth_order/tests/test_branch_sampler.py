@@ -155,11 +155,16 @@ def test_each_branch_ends_at_an_independent_ode_integration_of_its_sde_sample(lo
         torch.testing.assert_close(out.row_final_latents[r], expected, rtol=1e-12, atol=1e-12)
 
 
-def test_results_do_not_depend_on_the_latent_chunk_size(lowsnr2):
+def test_branches_are_bit_identical_and_ode_completions_equal_to_float_tolerance_across_latent_chunk_sizes(lowsnr2):
+    """Passes 1 and 2a never see the chunk size (bit-identical); pass 2b's ODE completions run in chunks of L rows,
+    so they agree to float64 tolerance only."""
     for chunk in (1, 3, 5, 200):
         other = run(chunk=chunk)
-        for name in ("row_next_latents", "row_log_probs", "row_final_latents", "row_prev_sample_mean"):
+        for name in ("row_next_latents", "row_log_probs", "row_prev_sample_mean"):
             assert torch.equal(getattr(other, name), getattr(lowsnr2, name)), (chunk, name)
+        # different chunk sizes batch the velocity's einsum differently, so BLAS may pick other kernels: contract §7
+        torch.testing.assert_close(other.row_final_latents, lowsnr2.row_final_latents, rtol=1e-12, atol=1e-12,
+                                   msg=lambda m: f"chunk {chunk}: {m}")
 
 
 def test_padding_rows_are_run_but_never_written_back():

@@ -45,6 +45,24 @@ def _same(a, b, atol=1e-5) -> bool:
         for (na, sa, ba, ma), (nb, sb, bb, mb) in zip(fa, fb))
 
 
+def _close(a, b, atol=1e-5, mask_pixels=1e-3) -> bool:
+    """`_same` up to float rounding, for images that went through batches of other sizes or orders (contract §7):
+    a random checkpoint has mask logits within 1e-6 of 0 and (query, class) probabilities within 1e-7 of each
+    other, so a rounding difference may flip a mask pixel or swap two near-tied detections of one class. Per
+    class: as many detections, sorted scores within atol, and every mask matched by one of the other side's
+    masks in all but a `mask_pixels` fraction of pixels."""
+    if sorted(a) != sorted(b):
+        return False
+    for name in a:
+        da, db = a[name], b[name]
+        if len(da) != len(db) or not np.allclose(sorted(d.score for d in da), sorted(d.score for d in db),
+                                                 rtol=0, atol=atol):
+            return False
+        if not all(any(np.mean(x.mask != y.mask) <= mask_pixels for y in db) for x in da):
+            return False
+    return True
+
+
 def test_random_checkpoint_detections_are_well_formed_at_image_size(random_detector):
     shapes = [(48, 80), (70, 50), (64, 64)]
     results = random_detector(_images(0, shapes))
@@ -67,16 +85,17 @@ def test_random_checkpoint_detections_are_well_formed_at_image_size(random_detec
                 assert d.box.tolist() == [0, 0, 0, 0]
 
 
-def test_detection_is_deterministic_and_independent_of_batch_order(random_detector):
+def test_detection_is_deterministic_and_independent_of_batch_order_to_float_tolerance(random_detector):
     a, b, c = _images(1, [(64, 64)] * 3)
     first = random_detector([a, b, c])
     again = random_detector([a, b, c])
     reordered = random_detector([c, a, b])
     alone = random_detector([b])
     for x, y in zip(first, again):
-        assert _same(x, y, atol=0.0)
-    assert _same(first[0], reordered[1]) and _same(first[1], reordered[2]) and _same(first[2], reordered[0])
-    assert _same(first[1], alone[0])
+        assert _same(x, y, atol=0.0)  # the same batch twice: bit-identical
+    # other batch orders and sizes may round differently (contract §7): equal up to float tolerance
+    assert _close(first[0], reordered[1]) and _close(first[1], reordered[2]) and _close(first[2], reordered[0])
+    assert _close(first[1], alone[0])
 
 
 def test_dog_cat_checkpoint_gives_its_designed_detections(dog_cat_detector):
