@@ -134,6 +134,23 @@ def guidance_scale(ab_t: float, ab_prev: float) -> float:
     return sigma**2 / ((c1 - c2) * math.sqrt(1.0 - ab_t))
 
 
+OMEGA_CHOICES = ("jump", "single-step")
+
+
+def credited_guidance_scale(schedule: Schedule, t: int, which: str = "jump") -> float:
+    """ω of the zeroth-order estimators at state t, whose credited noise ξ_1 is that of the stride-10 step t → t−10.
+
+    jump:        ω of that step itself (ᾱ_prev = ᾱ_{t−10}); 0.887 at t = 389. With it the estimator's mean is
+                 Ψ on a Gaussian (to 0.3 %, tests/test_estimators.py).
+    single-step: ω of the one-index step t → t−1, as the toy's scripts compute it (their `next_idx = timestep`,
+                 i.e. ᾱ_prev = ᾱ_{t−1}); 0.988 at t = 389, 11 % larger, while σ_1 stays the jump's."""
+    if which == "jump":
+        return guidance_scale(schedule.ab(t), schedule.ab(prev_t(t)))
+    if which == "single-step":
+        return guidance_scale(schedule.ab(t), schedule.ab(t - 1))
+    raise ValueError(f"omega={which!r}: choose one of {', '.join(OMEGA_CHOICES)}")
+
+
 @dataclass
 class Paths:
     """What a batch of rollouts from one state records."""

@@ -9,6 +9,7 @@ the samplers live in ddpm.py. First order estimators differentiate the reward th
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -95,6 +96,72 @@ def branch_nfe_factor_spec(n_split: int, n_branch: int) -> float:
     return sum(n_branch**i for i in range(1, n_split + 1)) / n_split / n_branch**n_split
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Why a branching tree does not beat independent paths here (README, "branching"): what a shared prefix costs.
+
+@dataclass
+class PrefixShare:
+    """Reward covariance of two end points whose paths from x_t coincide up to a state x_s and continue
+    independently from there, for every grid state s after t (one test point)."""
+
+    states: list[int]  # s = t − 10, t − 20, …, the states a split can sit at (a split at t shares nothing)
+    cov: torch.Tensor  # [K] Cov(r_a, r_b) = Var(E[r | x_s]) (the two continuations are independent given x_s)
+    var: torch.Tensor  # [K] Var(r) (geometric mean of the two sides' sample variances)
+    cov_se: torch.Tensor  # [K] standard error of cov
+
+    @property
+    def fraction(self) -> torch.Tensor:
+        """f(s) = Var(E[r | x_s]) / Var(r): the part of the end reward's variance fixed by the prefix up to x_s."""
+        return self.cov / self.var
+
+
+def shared_prefix_fraction(eps: Denoiser, schedule: Schedule, x_t: torch.Tensor, t: int, n: int,
+                           generator: torch.Generator) -> PrefixShare:
+    """f(s) for paths from x_t [2], measured with pairs: n stochastic paths run from t to data, and at every grid
+    state s after t each path also starts one extra continuation from its own x_s with fresh noise; the pair
+    (path, extra) shares exactly the prefix up to x_s, so Cov(r_path, r_extra) = Var(E[r | x_s]). No x̂0 of the
+    model enters, so it measures the sampler's own f for any denoiser. All rows run as one batch that grows by n
+    per state (Σ of the remaining steps ≈ 20× the cost of n plain paths)."""
+    grid = ddpm.sampling_grid(t)
+    x = x_t.expand(n, -1).clone()  # [n, 2], growing to [n·len(grid), 2]
+    for j, s in enumerate(grid):
+        if j > 0:
+            x = torch.cat([x, x[:n]])  # the extras from the paths' own x_s (the first n rows are the paths)
+        ab_t, ab_p = schedule.ab(s), schedule.ab(ddpm.prev_t(s))
+        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        x = ddpm.ddim_step(x, eps(x, s), ab_t, ab_p, ddpm.posterior_std(ab_t, ab_p), noise)
+    r = reward(x).view(len(grid), n)  # row 0: the paths; row j: the extras started at grid[j]
+    r = r - r.mean(-1, keepdim=True)
+    prod = r[0] * r[1:]  # [K, n]
+    var = (r[0].pow(2).mean() * r[1:].pow(2).mean(-1)).sqrt()
+    return PrefixShare(grid[1:], prod.mean(-1), var, prod.std(-1) / math.sqrt(n))
+
+
+def tree_cost(t: int, splits: list[int], branch: int) -> float:
+    """Denoiser calls per end point of a tree_rollout from t (splits before the steps from `splits`), relative to
+    one unbranched path: (2,2) from 389 = (2·20 + 4·19)/(4·39) = 0.744."""
+    grid = ddpm.sampling_grid(t)
+    width, calls = 1, 0
+    for s in grid:
+        width *= branch if s in splits else 1
+        calls += width
+    return calls / width / len(grid)
+
+
+def tree_variance_factor(t: int, splits: list[int], branch: int, fraction: dict[int, float]) -> float:
+    """B·Var(mean of r over one tree's B end points) / Var(r) = 1 + Σ_j (b − 1)·b^(m−1−j)·f(s_j).
+
+    A leaf has (b − 1)·b^(m−1−j) cousins that part from it at the j-th of the m splits; they share its path up to
+    x_{s_j}, hence covariance f(s_j)·Var(r). A split at t shares only x_t (f = 0). The zeroth-order estimator
+    averages (r − b)·ξ_1 rather than r; ξ_1 belongs to every shared prefix after t and is nearly independent of r
+    at this SNR, so the same factor applies (run.py checks it against the measured variance of the estimates).
+    With N end points per estimate, the estimate's variance is factor/N times the unbranched one; at equal
+    compute N scales as 1/tree_cost, so the RMSE ratio to independent paths is √(factor · cost)."""
+    m = len(splits)
+    return 1.0 + sum((branch - 1) * branch ** (m - 1 - j) * (0.0 if s == t else fraction[s])
+                     for j, s in enumerate(splits))
+
+
 def gauss_hermite_2d(n: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """Tensor-product Gauss–Hermite rule for E[f(ξ)], ξ ~ N(0, I_2): nodes [n², 2], weights [n²] summing to 1."""
     z, w = np.polynomial.hermite_e.hermegauss(n)
@@ -104,7 +171,8 @@ def gauss_hermite_2d(n: int, dtype: torch.dtype = torch.float32) -> tuple[torch.
     return torch.tensor(zz, dtype=dtype), torch.tensor(ww, dtype=dtype)
 
 
-def mixed_limit(eps: Denoiser, schedule: Schedule, x_t: torch.Tensor, t: int, order: int) -> torch.Tensor:
+def mixed_limit(eps: Denoiser, schedule: Schedule, x_t: torch.Tensor, t: int, order: int,
+                omega: float) -> torch.Tensor:
     """The N → ∞ value of the SDE&ODE-mixed estimator at x_t [2] (what it converges to, not Ψ): with only the
     first step stochastic, the end point is a deterministic function of ξ_1 ∈ R², so
     E[(r − E r)·ξ_1]·ω/σ_1 is a 2-D Gaussian integral, computed by Gauss–Hermite quadrature.  → [2]"""
@@ -116,5 +184,4 @@ def mixed_limit(eps: Denoiser, schedule: Schedule, x_t: torch.Tensor, t: int, or
     r = reward(paths.x0)
     r = r - (weights * r).sum()
     sigma = ddpm.posterior_std(schedule.ab(t), schedule.ab(ddpm.prev_t(t)))
-    omega = ddpm.guidance_scale(schedule.ab(t), schedule.ab(ddpm.prev_t(t)))
     return omega * (weights[:, None] * r[:, None] * nodes).sum(0) / sigma

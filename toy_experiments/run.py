@@ -57,11 +57,28 @@ class Config:
     sqdf_mid: int = 195  # SQDF's DDIM jump 389 → 195 (spec §7.1)
     quadrature_order: int = 48  # Gauss–Hermite nodes per axis for the SDE&ODE-mixed limit
     block: int = 1024  # samples per autograd block for learned first-order lookahead (memory)
+    # ω of the zeroth-order estimators (ddpm.credited_guidance_scale): "jump", the stride-10 step that is
+    # credited (mean = Ψ on a Gaussian), or "single-step", the toy scripts' one-index step (ω 0.988 vs 0.887).
+    omega: str = "jump"
+    # Branching mechanism (exact denoiser): path pairs per test point for f(s), and the N at which the variance
+    # of the tree estimates is compared with independent paths (capped so that there are >= 4 groups).
+    prefix_pairs: int = 8192
+    variance_log2_n: int = 8
 
     @classmethod
     def quick(cls) -> "Config":
         return cls(base_steps=60, ft_steps=30, batch_size=128, log2_n=(4, 6, 8), exact_points=2,
-                   learned_points=1, learned_max_log2_n=6, quadrature_order=8)
+                   learned_points=1, learned_max_log2_n=6, quadrature_order=8, prefix_pairs=256)
+
+    def validate(self) -> None:
+        if self.omega not in ddpm.OMEGA_CHOICES:
+            raise ValueError(f"omega={self.omega!r}: choose one of {', '.join(ddpm.OMEGA_CHOICES)}")
+        for key in ("exact_points", "learned_points", "prefix_pairs"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)} must be >= 1")
+        if self.learned_max_log2_n < min(self.log2_n):
+            raise ValueError(f"learned_max_log2_n={self.learned_max_log2_n} must be >= the smallest log2_n "
+                             f"{min(self.log2_n)}")
 
     def training(self) -> dict:
         return {"base_steps": self.base_steps, "ft_steps": self.ft_steps, "batch_size": self.batch_size,
@@ -121,6 +138,26 @@ class Curves:
         self.values.setdefault((panel, name, x, log2_n), []).append(rmse)
 
 
+def branch_name(n_split: int, n_branch: int) -> str:
+    return f"#split={n_split}, #branch={n_branch}"
+
+
+UNBRANCHED = branch_name(1, 1)
+
+
+def mean_sem(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (over test points)."""
+    mean = sum(values) / len(values)
+    return mean, (sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1) / len(values)) ** 0.5
+
+
+def ratio_of_sums(num: list[float], den: list[float]) -> tuple[float, float]:
+    """R = Σ num / Σ den over test points, with its delta-method standard error (per-point terms num − R·den)."""
+    ratio = sum(num) / sum(den)
+    _, se = mean_sem([a - ratio * b for a, b in zip(num, den)])
+    return ratio, se * len(den) / sum(den)
+
+
 def group_rmse(estimates: torch.Tensor, target: torch.Tensor) -> float:
     """estimates: [G, 2] (one per group of N samples), target: [2] → mean over groups of the per-estimate RMSE."""
     return (estimates - target).pow(2).mean(-1).sqrt().mean().item()
@@ -140,8 +177,8 @@ def run_point(eps: ddpm.Denoiser, schedule: ddpm.Schedule, cfg: Config, x_t: tor
     """Every Monte-Carlo panel at one test point x_t [2] with S = 2^max(log2_n) samples per estimator."""
     t = ddpm.TEST_T
     S = 2 ** max(log2_n)
-    ab_t, ab_1 = schedule.ab(t), schedule.ab(ddpm.prev_t(t))
-    sigma, omega = ddpm.posterior_std(ab_t, ab_1), ddpm.guidance_scale(ab_t, ab_1)
+    sigma = ddpm.posterior_std(schedule.ab(t), schedule.ab(ddpm.prev_t(t)))  # σ_1 of the stride-10 first step
+    omega = ddpm.credited_guidance_scale(schedule, t, cfg.omega)
     steps = len(ddpm.sampling_grid(t))
 
     def zo(r: torch.Tensor, xi: torch.Tensor, n: int, cv: bool) -> torch.Tensor:
@@ -162,7 +199,7 @@ def run_point(eps: ddpm.Denoiser, schedule: ddpm.Schedule, cfg: Config, x_t: tor
     with torch.no_grad():
         mixed = ddpm.rollout(eps, schedule, x_t.expand(S, -1), t, noise, stochastic_after_first=False)
         r_mixed = reward(mixed.x0)
-        mixed_target = est.mixed_limit(eps, schedule, x_t, t, cfg.quadrature_order)
+        mixed_target = est.mixed_limit(eps, schedule, x_t, t, cfg.quadrature_order, omega)
 
     for m in log2_n:
         n = 2**m
@@ -178,7 +215,8 @@ def run_point(eps: ddpm.Denoiser, schedule: ddpm.Schedule, cfg: Config, x_t: tor
 
     # Branch-GRPO trees: S end points per configuration; groups of N end points are N/B whole trees.
     nfe_full = steps  # one unbranched path costs `steps` denoiser calls
-    nfe_ratio = {}
+    nfe_ratio, tree_variance = {}, {}
+    m_var = variance_log2_n(cfg, log2_n)
     for n_split, n_branch in cfg.branch_configs:
         leaves = n_branch**n_split
         with torch.no_grad():
@@ -191,9 +229,19 @@ def run_point(eps: ddpm.Denoiser, schedule: ddpm.Schedule, cfg: Config, x_t: tor
             if 2**m < leaves:
                 continue
             x = m + math.log2(ratio)
-            curves.add("branch_zeroth_branchgrpo", f"#split={n_split}, #branch={n_branch}", x, m,
+            curves.add("branch_zeroth_branchgrpo", branch_name(n_split, n_branch), x, m,
                        group_rmse(zo(r_tree, tree.xi_first, 2**m, True), psi))
-    return {"mixed_limit_vs_psi": (mixed_target - psi).pow(2).mean().sqrt().item(), "nfe_ratio": nfe_ratio}
+        # Variance of the estimates at one N (trace of their covariance over the S/N groups), for the mechanism.
+        tree_variance[(n_split, n_branch)] = zo(r_tree, tree.xi_first, 2**m_var, True).var(0).sum().item()
+    return {"mixed_limit_vs_psi": (mixed_target - psi).pow(2).mean().sqrt().item(), "nfe_ratio": nfe_ratio,
+            "tree_variance": tree_variance}
+
+
+def variance_log2_n(cfg: Config, log2_n: list[int]) -> int:
+    """The N = 2^m at which tree and path estimates are compared: cfg.variance_log2_n, lowered to leave >= 4
+    groups of N in the S = 2^max(log2_n) samples (never below the largest tree)."""
+    return max(min(cfg.variance_log2_n, max(log2_n) - 2),
+               max(math.ceil(math.log2(b**s)) for s, b in cfg.branch_configs))
 
 
 def run_denoiser(name: str, eps: ddpm.Denoiser, schedule: ddpm.Schedule, cfg: Config, points: torch.Tensor,
@@ -233,16 +281,90 @@ def run_denoiser(name: str, eps: ddpm.Denoiser, schedule: ddpm.Schedule, cfg: Co
         "reward_gradient_limit_vs_psi": per_point_rmse(
             expected_reward_gradient(tilted_mixture(), points.double(), schedule.ab(t)).float()).mean().item(),
         "branch_nfe_ratio": {f"{k[0]}x{k[1]}": v for k, v in extras[0]["nfe_ratio"].items()},
+        "omega": ddpm.credited_guidance_scale(schedule, t, cfg.omega),
+        # The zeroth-order estimators' N → ∞ value on an exact model: the jump's ω gives ∇E_{p*}[r(x0)|x_t]
+        # (up to the O(ᾱ) step discretisation); another ω scales it by ω/ω_jump.
+        "zeroth_order_limit_vs_psi": per_point_rmse(
+            ddpm.credited_guidance_scale(schedule, t, cfg.omega) / ddpm.credited_guidance_scale(schedule, t, "jump")
+            * expected_reward_gradient(tilted_mixture(), points.double(), schedule.ab(t)).float()).mean().item(),
+        "branch_equal_compute": equal_compute(curves, list(range(4, max(log2_n) + 1, 2))),
+        "branch_measured_ratio": measured_branch_ratios(cfg, extras, variance_log2_n(cfg, log2_n)),
     }
     log.info("%s: %s", name, json.dumps(summary))
     return curves, summary
 
 
+def equal_compute(curves: Curves, xs: list[int]) -> dict:
+    """Branching configurations at equal compute. Per test point, log2 RMSE is interpolated linearly along its
+    curve at each integer x = log2(NFE / NFE of one unbranched path) in xs; then mean ± s.e.m. over points of
+    the RMSE and of the paired ratio to the unbranched configuration at the same x (same points, same x)."""
+    curves_by_name = {}
+    for (panel, name, x, _), vals in curves.values.items():
+        if panel == "branch_zeroth_branchgrpo":
+            curves_by_name.setdefault(name, []).append((x, vals))
+    per_point = {}
+    for name, curve in curves_by_name.items():
+        curve.sort(key=lambda c: c[0])
+        per_point[name] = {}
+        for target in xs:
+            seg = next(((a, b) for a, b in zip(curve, curve[1:]) if a[0] <= target <= b[0]), None)
+            if seg is not None:
+                (x0, v0), (x1, v1) = seg
+                w = (target - x0) / (x1 - x0)
+                per_point[name][target] = [2 ** ((1 - w) * math.log2(a) + w * math.log2(b)) for a, b in zip(v0, v1)]
+    base = per_point.get(UNBRANCHED, {})
+    out = {}
+    for name, table in per_point.items():
+        out[name] = {x: {"rmse": mean_sem(v),
+                         "ratio": mean_sem([a / b for a, b in zip(v, base[x])]) if x in base else None}
+                     for x, v in table.items()}
+    return out
+
+
+def measured_branch_ratios(cfg: Config, extras: list[dict], m: int) -> dict:
+    """Equal-compute RMSE ratio of each tree to independent paths from the variance of the estimates at N = 2^m:
+    √(Σ_points Var_tree · cost / Σ_points Var_paths) (± its delta-method s.e.), to set beside the prediction
+    √(variance factor · cost) of the mechanism table."""
+    base = [e["tree_variance"][(1, 1)] for e in extras]
+    out = {}
+    for key in cfg.branch_configs:
+        cost = extras[0]["nfe_ratio"][key]
+        ratio, se = ratio_of_sums([e["tree_variance"][key] * cost for e in extras], base)
+        out[branch_name(*key)] = {"log2_n": m, "ratio": ratio**0.5, "se": se / (2 * ratio**0.5)}
+    return out
+
+
+def branch_mechanism(eps: ddpm.Denoiser, schedule: ddpm.Schedule, cfg: Config, points: torch.Tensor,
+                     gen: torch.Generator) -> dict:
+    """Why a tree does not beat independent paths for this estimator: f(s) = Var(E[r | x_s]) / Var(r) pooled over
+    test points (Σ Cov / Σ Var, est.shared_prefix_fraction), each tree's per-end-point variance factor and cost
+    and the equal-compute RMSE ratio they predict, and the sweep over one split at every state s."""
+    t = ddpm.TEST_T
+    shares = [est.shared_prefix_fraction(eps, schedule, x, t, cfg.prefix_pairs, gen) for x in points]
+    states = shares[0].states
+    var = sum(sh.var for sh in shares)
+    f = sum(sh.cov for sh in shares) / var
+    f_se = sum(sh.cov_se.pow(2) for sh in shares).sqrt() / var
+    fraction = dict(zip(states, f.tolist()))
+    configs = {}
+    for n_split, n_branch in cfg.branch_configs:
+        splits = est.branch_splits(t, n_split)
+        cost = est.tree_cost(t, splits, n_branch)
+        factor = est.tree_variance_factor(t, splits, n_branch, fraction)
+        configs[branch_name(n_split, n_branch)] = {"splits": splits, "cost": cost, "variance_factor": factor,
+                                                   "predicted_ratio": (factor * cost) ** 0.5}
+    sweep = {b: [est.tree_variance_factor(t, [s], b, fraction) * est.tree_cost(t, [s], b) for s in states]
+             for b in (2, 4)}
+    sweep_se = {b: [(b - 1) * se * est.tree_cost(t, [s], b) for s, se in zip(states, f_se.tolist())] for b in (2, 4)}
+    return {"points": len(points), "pairs": cfg.prefix_pairs, "states": states,
+            "alpha_bar": [schedule.ab(s) for s in states], "f": f.tolist(), "f_se": f_se.tolist(),
+            "configs": configs, "single_split_variance_x_cost": sweep, "single_split_se": sweep_se}
+
+
 def rows_of(denoiser: str, curves: Curves) -> list[dict]:
     rows = []
     for (panel, name, x, m), vals in sorted(curves.values.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][3])):
-        mean = sum(vals) / len(vals)
-        sem = (sum((v - mean) ** 2 for v in vals) / max(len(vals) - 1, 1) / len(vals)) ** 0.5
+        mean, sem = mean_sem(vals)
         rows.append({"denoiser": denoiser, "panel": panel, "estimator": name, "log2_n": m, "x": round(x, 4),
                      "rmse": mean, "sem": sem, "points": len(vals)})
     return rows
@@ -260,7 +382,24 @@ PANELS = {
 }
 
 
-def plot(rows: list[dict], out: Path) -> list[Path]:
+def plot_mechanism(ax, mech: dict) -> None:
+    states = mech["states"]
+    ax.plot(states, mech["f"], "o-", ms=2.5, color="C0", label="f(s) = Var(E[r|x_s]) / Var(r)")
+    for b, color in ((2, "C1"), (4, "C2")):
+        ax.plot(states, mech["single_split_variance_x_cost"][b], "s-", ms=2.5, color=color,
+                label=f"one {b}-way split at s: variance x cost")
+    ax.axhline(1.0, color="0.4", lw=1, ls=":")
+    ax.axvline(189, color="0.6", lw=0.8, ls="--")
+    ax.text(189, 0.02, "second split of (2,2), (2,4) ", fontsize=5.5, color="0.4", ha="right")
+    ax.set_xlim(max(states) + 5, min(states) - 5)  # sampling runs left to right
+    ax.set_ylim(0, 1.4 * max(mech["single_split_variance_x_cost"][4]))
+    ax.set_xlabel("split state s (grid index; x_t at 389)")
+    ax.set_title("Branching: what a shared prefix up to x_s costs (exact denoiser)", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=5.5, loc="upper center")
+
+
+def plot(rows: list[dict], mechanism: dict, out: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -269,7 +408,7 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     written = []
     fig_all, axes = plt.subplots(2, 3, figsize=(15, 8.5))
     axes = axes.ravel()
-    axes[-1].axis("off")  # five panels on a 2×3 grid
+    plot_mechanism(axes[-1], mechanism)  # the sixth cell of the 2×3 grid
     for ax_all, (panel, (xlabel, title)) in zip(axes, PANELS.items()):
         fig, ax = plt.subplots(figsize=(5, 3.6))
         names = list(dict.fromkeys(r["estimator"] for r in rows if r["panel"] == panel))
@@ -294,6 +433,13 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
         fig.savefig(path, dpi=150)
         plt.close(fig)
         written.append(path)
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    plot_mechanism(ax, mechanism)
+    fig.tight_layout()
+    path = out / "branch_mechanism.png"
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    written.append(path)
     fig_all.tight_layout()
     path = out / "figure2.png"
     fig_all.savefig(path, dpi=150)
@@ -302,17 +448,19 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     return written
 
 
-def write_tables(rows: list[dict], summaries: dict, out: Path) -> None:
+def write_tables(rows: list[dict], summaries: dict, mechanism: dict, cfg: Config, out: Path) -> None:
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    lines = ["# Figure 2 toy: RMSE of value-gradient estimators at alpha_bar_t = 0.01", ""]
+    lines = ["# Figure 2 toy: RMSE of value-gradient estimators at alpha_bar_t = 0.01", "",
+             f"Zeroth-order scale: --omega {cfg.omega} (omega = {next(iter(summaries.values()))['omega']:.4f}).", ""]
     for denoiser, s in summaries.items():
         lines.append(f"- **{denoiser}** denoiser: {s['points']} test points, N up to 2^{s['max_log2_n']}; "
                      f"mean |Psi| (RMS over coords) {s['psi_rms']:.4f}; SDE&ODE-mixed limit vs Psi (RMSE) "
                      f"{s['mixed_limit_vs_psi']:.4f}; exact grad E_p*[r(x0)|x_t] vs Psi (RMSE) "
-                     f"{s['reward_gradient_limit_vs_psi']:.4f}; DPS {s['dps_rmse']:.4f}, SQDF {s['sqdf_rmse']:.4f} "
+                     f"{s['reward_gradient_limit_vs_psi']:.4f}, times omega/omega_jump (the zeroth-order limit) "
+                     f"{s['zeroth_order_limit_vs_psi']:.4f}; DPS {s['dps_rmse']:.4f}, SQDF {s['sqdf_rmse']:.4f} "
                      f"(on all {s['all_points']} points: DPS {s['dps_rmse_all_points']:.4f}, "
                      f"SQDF {s['sqdf_rmse_all_points']:.4f})")
     lines.append("")
@@ -329,30 +477,56 @@ def write_tables(rows: list[dict], summaries: dict, out: Path) -> None:
                         f"{cells[m]['rmse']:.4f}" if m in cells else "" for m in ms) + " |")
         lines.append("")
         if panel == "branch_zeroth_branchgrpo":
-            lines += equal_compute_table(sel, list(summaries))
+            lines += equal_compute_table(summaries) + mechanism_table(mechanism, summaries)
     (out / "results.md").write_text("\n".join(lines))
 
 
-def equal_compute_table(rows: list[dict], denoisers: list[str]) -> list[str]:
-    """Branching configurations at equal compute: RMSE interpolated (linearly in log2 RMSE vs log2 NFE) at
-    integer x = log2(NFE / NFE of one unbranched path), so configurations with different NFE per end point line up."""
-    lines = ["### branch_zeroth_branchgrpo at equal compute (interpolated)", ""]
-    xs = list(range(4, 17, 2))
-    lines += ["| configuration | denoiser | " + " | ".join(f"x={x}" for x in xs) + " |", "|---|---|" + "---|" * len(xs)]
-    for name in dict.fromkeys(r["estimator"] for r in rows):
-        for denoiser in denoisers:
-            pts = sorted((r["x"], math.log2(r["rmse"])) for r in rows if r["estimator"] == name and r["denoiser"] == denoiser)
-            if len(pts) < 2:
-                continue
-            cells = []
-            for x in xs:
-                seg = [(a, b) for a, b in zip(pts, pts[1:]) if a[0] <= x <= b[0]]
-                if not seg:
-                    cells.append("")
-                    continue
-                (x0, y0), (x1, y1) = seg[0]
-                cells.append(f"{2 ** (y0 + (y1 - y0) * (x - x0) / (x1 - x0)):.4f}")
-            lines.append(f"| {name} | {denoiser} | " + " | ".join(cells) + " |")
+def equal_compute_table(summaries: dict) -> list[str]:
+    """RMSE ± s.e.m. over points at equal compute, and the paired ratio to the unbranched configuration."""
+    xs = sorted({x for s in summaries.values() for c in s["branch_equal_compute"].values() for x in c})
+    lines = ["### branch_zeroth_branchgrpo at equal compute", "",
+             "x = log2(denoiser calls per estimate / calls of one unbranched path); each test point's curve is "
+             "interpolated (log2 RMSE linear in x), then mean ± s.e.m. over points. Second line: the ratio to "
+             "'#split=1, #branch=1' at the same x, paired over the same points (mean ± s.e.m.).", "",
+             "| configuration | denoiser | " + " | ".join(f"x={x}" for x in xs) + " |", "|---|---|" + "---|" * len(xs)]
+    for name in summaries[next(iter(summaries))]["branch_equal_compute"]:
+        for denoiser, s in summaries.items():
+            cells = s["branch_equal_compute"].get(name, {})
+            lines.append(f"| {name} | {denoiser} | " + " | ".join(
+                "{:.4f} ± {:.4f}".format(*cells[x]["rmse"]) if x in cells else "" for x in xs) + " |")
+            if name != UNBRANCHED:
+                lines.append(f"| ratio to unbranched | {denoiser} | " + " | ".join(
+                    "{:.3f} ± {:.3f}".format(*cells[x]["ratio"]) if x in cells and cells[x]["ratio"] else ""
+                    for x in xs) + " |")
+    return lines + [""]
+
+
+def mechanism_table(mech: dict, summaries: dict) -> list[str]:
+    lines = ["### branching mechanism: what a shared prefix costs", "",
+             f"f(s) = Var(E[r | x_s]) / Var(r): correlation of the end rewards of two paths from x_t that share the "
+             f"path up to state s (exact denoiser, {mech['points']} test points x {mech['pairs']} path pairs, "
+             f"pooled: sum of covariances / sum of variances). A tree's end points are averaged with variance "
+             f"factor/N (factor = 1 + sum_j (b-1) b^(m-1-j) f(s_j)) at cost 'cost' per end point, so at equal "
+             f"compute its RMSE is sqrt(factor x cost) times that of independent paths (variance-dominated "
+             f"regime). Measured: sqrt(Var_tree x cost / Var_paths) of the estimates at the N given, summed over "
+             f"points (± delta-method s.e.).", "",
+             "| configuration | split states | cost per end point | variance factor | predicted RMSE ratio | "
+             + " | ".join(f"measured, {d}" for d in summaries) + " |",
+             "|---|---|---|---|---|" + "---|" * len(summaries)]
+    for name, c in mech["configs"].items():
+        measured = [summaries[d]["branch_measured_ratio"][name] for d in summaries]
+        lines.append(f"| {name} | {', '.join(map(str, c['splits']))} | {c['cost']:.3f} | {c['variance_factor']:.3f} | "
+                     f"{c['predicted_ratio']:.3f} | " + " | ".join(
+                         f"{m['ratio']:.3f} ± {m['se']:.3f} (N=2^{m['log2_n']})" for m in measured) + " |")
+    sweep, se = mech["single_split_variance_x_cost"], mech["single_split_se"]
+    lines += ["", "One split at state s into b branches (no other split): variance factor x cost per end point "
+              "(1 + (b-1) f(s)) x cost(s); below 1 a split would beat independent paths at equal compute.", "",
+              "| split state s | alpha_bar_s | f(s) | b=2: variance x cost | b=4: variance x cost |", "|---|---|---|---|---|"]
+    for j, s in enumerate(mech["states"]):
+        lines.append(f"| {s} | {mech['alpha_bar'][j]:.4f} | {mech['f'][j]:.4f} ± {mech['f_se'][j]:.4f} | "
+                     f"{sweep[2][j]:.4f} ± {se[2][j]:.4f} | {sweep[4][j]:.4f} ± {se[4][j]:.4f} |")
+    lines.append(f"\nSmallest: b=2 {min(sweep[2]):.4f} at s={mech['states'][sweep[2].index(min(sweep[2]))]}, "
+                 f"b=4 {min(sweep[4]):.4f} at s={mech['states'][sweep[4].index(min(sweep[4]))]}.")
     return lines + [""]
 
 
@@ -368,6 +542,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--exact-points", type=int, default=None)
     ap.add_argument("--learned-points", type=int, default=None)
     ap.add_argument("--learned-max-log2-n", type=int, default=None)
+    ap.add_argument("--omega", choices=ddpm.OMEGA_CHOICES, default="jump",
+                    help="ω of the zeroth-order estimators: jump (the credited stride-10 step, 0.887; default) or "
+                         "single-step (the toy scripts' one-index step, 0.988)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -375,11 +552,8 @@ def main(argv: list[str] | None = None) -> dict:
     for key in ("exact_points", "learned_points", "learned_max_log2_n"):
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
-    for key in ("exact_points", "learned_points"):
-        if getattr(cfg, key) < 1:
-            raise ValueError(f"{key}={getattr(cfg, key)} must be >= 1")
-    if cfg.learned_max_log2_n < min(cfg.log2_n):
-        raise ValueError(f"learned_max_log2_n={cfg.learned_max_log2_n} must be >= the smallest log2_n {min(cfg.log2_n)}")
+    cfg.omega = args.omega
+    cfg.validate()
     cache = args.cache_dir or Path(os.environ.get("RSM_TOY_CACHE", Path.home() / ".cache" / "rsm_toy_experiments"))
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -404,11 +578,18 @@ def main(argv: list[str] | None = None) -> dict:
                                                    block, bar)
             timings[f"{name}_s"] = time.perf_counter() - t0
             rows += rows_of(name, curves)
-    write_tables(rows, summaries, out)
-    pngs = plot(rows, out)
+    t0 = time.perf_counter()
+    mechanism = branch_mechanism(jobs["exact"][0], schedule, cfg, points[:cfg.exact_points],
+                                 torch.Generator().manual_seed(cfg.seed + 11))
+    timings["mechanism_s"] = time.perf_counter() - t0
+    log.info("branching mechanism: f(189) = %s; predicted equal-compute RMSE ratios %s",
+             dict(zip(mechanism["states"], mechanism["f"])).get(189),
+             json.dumps({k: round(v["predicted_ratio"], 4) for k, v in mechanism["configs"].items()}))
+    write_tables(rows, summaries, mechanism, cfg, out)
+    pngs = plot(rows, mechanism, out)
     timings["total_s"] = time.perf_counter() - start
     record = {"config": dataclasses.asdict(cfg), "quick": args.quick, "threads": torch.get_num_threads(),
-              "training": train_info, "timings": timings, "summaries": summaries}
+              "training": train_info, "timings": timings, "summaries": summaries, "branch_mechanism": mechanism}
     (out / "run.json").write_text(json.dumps(record, indent=2, default=str))
     log.info("wrote %s and %d plots to %s in %.1f s", "results.csv/results.md/run.json", len(pngs), out, timings["total_s"])
     return record

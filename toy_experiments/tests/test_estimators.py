@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from toy_experiments import ddpm, estimators as est
@@ -32,6 +33,22 @@ def test_schedule_reproduces_the_toy_constants():
     assert abs(SIGMA - 0.4563) < 1e-3
     assert abs(ddpm.guidance_scale(AB_T, SCHEDULE.ab(T - 1)) - 0.988) < 1e-3
     assert STEPS == 39
+
+
+def test_omega_option_selects_the_jump_or_the_toys_single_step_scale():
+    jump = ddpm.credited_guidance_scale(SCHEDULE, T, "jump")
+    single = ddpm.credited_guidance_scale(SCHEDULE, T, "single-step")
+    assert jump == OMEGA and abs(jump - 0.887) < 1e-3
+    assert abs(single - 0.988) < 1e-3  # the toy scripts' value (spec §4.2)
+    # The estimator is linear in ω: the same samples give estimates 11 % larger with the toy's ω ...
+    r, xi = _gauss_paths(64, seed=7)
+    torch.testing.assert_close(est.zeroth_order(r, xi, SIGMA, single, True),
+                               single / jump * est.zeroth_order(r, xi, SIGMA, jump, True))
+    # ... so on the Gaussian its mean overshoots Ψ by that factor, where the jump's ω lands on Ψ.
+    overshoot = single * math.sqrt(AB_1) / math.sqrt(AB_T)  # closed-form mean / Ψ, both ∝ g
+    assert 1.10 < overshoot < 1.12 and abs(jump * math.sqrt(AB_1) / math.sqrt(AB_T) - 1) < 5e-3
+    with pytest.raises(ValueError, match="omega"):
+        ddpm.credited_guidance_scale(SCHEDULE, T, "half")
 
 
 def test_closed_form_mean_of_zeroth_order_estimator_is_psi_on_a_gaussian():
@@ -112,7 +129,7 @@ def test_first_order_estimators_on_an_exact_gaussian_denoiser_have_closed_forms(
 def test_mixed_limit_quadrature_matches_monte_carlo():
     eps = exact_eps(tilted_mixture(), SCHEDULE.alphas_bar)
     x_t = torch.tensor([-0.3, 0.2], dtype=torch.float64)
-    limit = est.mixed_limit(eps, SCHEDULE, x_t, T, order=48)
+    limit = est.mixed_limit(eps, SCHEDULE, x_t, T, order=48, omega=OMEGA)
     n = 2**15
     noise = torch.randn(STEPS, n, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     paths = ddpm.rollout(eps, SCHEDULE, x_t.expand(n, -1), T, noise, stochastic_after_first=False)
@@ -148,3 +165,60 @@ def test_exact_current_state_estimator_is_the_expected_reward_gradient_not_psi_o
     assert 0.02 < gap < 0.2
     # On the single Gaussian the covariance does not depend on the tilt, and the two agree.
     torch.testing.assert_close(expected_reward_gradient(GAUSS, x, AB_T), (math.sqrt(AB_T) * G).expand(16, -1))
+
+
+def _gaussian_prefix_fraction_closed_form():
+    """f(s) of the exact-ε sampler on GAUSS, by hand. Each step is affine and isotropic, x' = A_s·x + c_s + σ_s ξ,
+    so the noise of step j reaches the end point with gain Π_{i>j} A_i and Var(r | x_s) = |g|²·Σ_{j ≥ s} of
+    (Π_{i>j} A_i)²σ_j². By the law of total variance f(s) = 1 − Var(r | x_s) / Var(r | x_t)."""
+    grid = ddpm.sampling_grid(T)
+    gains, sigmas = [], []
+    for s in grid:
+        ab, ab_p = SCHEDULE.ab(s), SCHEDULE.ab(ddpm.prev_t(s))
+        sigma = ddpm.posterior_std(ab, ab_p)
+        x = torch.tensor([[0.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+        mean = ddpm.ddim_step(x, exact_eps(GAUSS, SCHEDULE.alphas_bar)(x, s), ab, ab_p, sigma, None)
+        gains.append((mean[1, 0] - mean[0, 0]).item())
+        sigmas.append(sigma)
+    reach = [math.prod(gains[j + 1:]) ** 2 * sigmas[j] ** 2 for j in range(len(grid))]
+    return {s: sum(reach[:j]) / sum(reach) for j, s in enumerate(grid) if j > 0}
+
+
+def test_shared_prefix_fraction_matches_the_closed_form_on_a_gaussian():
+    closed = _gaussian_prefix_fraction_closed_form()
+    share = est.shared_prefix_fraction(exact_eps(GAUSS, SCHEDULE.alphas_bar), SCHEDULE, X_T.float(), T, 2**13,
+                                       torch.Generator().manual_seed(8))
+    assert share.states == list(closed)
+    expected = torch.tensor(list(closed.values()))
+    z = (share.fraction - expected) / (share.cov_se / share.var)
+    assert z.abs().max() < 4, z
+    # The closed form runs from ~0 after the first step to 1, and the last step (9 → data) has σ = 0, so a
+    # prefix up to x_9 fixes the reward: the pair is identical and f is exactly 1.
+    assert expected[0] < 0.01 and expected[len(expected) // 2] > 0.3
+    assert share.fraction[-1].item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_tree_cost_is_the_nfe_tree_rollout_counts():
+    eps = exact_eps(GAUSS, SCHEDULE.alphas_bar)
+    for n_split, n_branch in ((1, 1), (2, 2), (3, 2), (4, 2), (2, 4)):
+        splits = est.branch_splits(T, n_split)
+        _, nfe = ddpm.tree_rollout(eps, SCHEDULE, torch.zeros(2, 2, dtype=torch.float64), T, splits, n_branch,
+                                   torch.Generator().manual_seed(9))
+        assert est.tree_cost(T, splits, n_branch) == pytest.approx(nfe / (2 * n_branch**n_split) / STEPS)
+    assert est.tree_cost(T, [189], 2) == pytest.approx(est.tree_cost(T, [389, 189], 2))  # a split at t is free
+
+
+def test_tree_variance_factor_predicts_the_variance_of_a_tree_mean():
+    # B·Var(mean reward over one tree's B end points)/Var(r), measured on 2^14 end points of the exact Gaussian
+    # sampler, against 1 + Σ_j (b−1)·b^(m−1−j)·f(s_j) with the closed-form f.
+    eps, fraction = exact_eps(GAUSS, SCHEDULE.alphas_bar), _gaussian_prefix_fraction_closed_form()
+    for n_split, n_branch in ((2, 2), (4, 2), (2, 4)):
+        splits, leaves = est.branch_splits(T, n_split), n_branch**n_split
+        roots = 2**14 // leaves
+        paths, _ = ddpm.tree_rollout(eps, SCHEDULE, X_T.float().expand(roots, -1).clone(), T, splits, n_branch,
+                                     torch.Generator().manual_seed(10))
+        r = reward(paths.x0).view(roots, leaves)
+        measured = (r.mean(1).var() * leaves / r.var()).item()
+        predicted = est.tree_variance_factor(T, splits, n_branch, fraction)
+        assert predicted > 1.3  # the prefixes are shared, independent paths would give 1
+        assert measured == pytest.approx(predicted, rel=4 * math.sqrt(2 / roots)), (n_split, n_branch)
