@@ -135,4 +135,44 @@ def test_cache_root_comes_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("RSM_TINY_MODELS", str(tmp_path))
     assert factory.cache_root() == tmp_path
     monkeypatch.delenv("RSM_TINY_MODELS")
+    monkeypatch.setattr(factory, "_CHECKOUT", tmp_path / "not-a-checkout")  # an installed, non-editable kit
     assert factory.cache_root() == Path.home() / ".cache" / "rsm_tiny_models"
+
+
+def test_without_the_environment_variable_a_checkout_uses_its_own_cache_folder(monkeypatch):
+    """One cache: `make` exports <repo>/.cache/tiny_models, and a launcher's --tiny started without that
+    variable (a user's shell) lands in the same folder instead of building a second cache under ~/.cache."""
+    monkeypatch.delenv("RSM_TINY_MODELS", raising=False)
+    repo = Path(factory.__file__).resolve().parents[2]
+    assert factory.cache_root() == repo / ".cache" / "tiny_models"
+    make = (repo / "Makefile").read_text()
+    assert "RSM_TINY_MODELS ?= $(CURDIR)/.cache/tiny_models" in make
+
+
+def test_cached_artifact_is_built_once_per_key(tmp_path):
+    built = []
+
+    def build(out_dir: Path) -> None:
+        built.append(out_dir)
+        (out_dir / "data.txt").write_text("x")
+
+    first = factory.cached_artifact("emb", ["code v1", "model-abc"], build, root=tmp_path)
+    assert factory.cached_artifact("emb", ["code v1", "model-abc"], build, root=tmp_path) == first
+    other = factory.cached_artifact("emb", ["code v2", "model-abc"], build, root=tmp_path)
+    assert other != first and len(built) == 2 and (other / "data.txt").read_text() == "x"
+
+
+def test_tiny_prompt_sets_have_the_fetch_data_layout_and_valid_geneval_metadata():
+    import json
+
+    from shared_rewards.geneval.metadata import validate_metadata
+
+    root = factory.get_tiny_model("prompt_sets")
+    for name, files in {"pickscore": ["train.txt", "test.txt"], "ocr": ["train.txt", "test.txt"],
+                        "hpsv2": ["train.txt", "test.txt"], "geneval": ["train_metadata.jsonl", "test_metadata.jsonl"],
+                        "dancegrpo": ["prompts.txt"], "drawbench": ["drawbench.json"]}.items():
+        for file in files:
+            assert (root / name / file).read_text().strip(), (name, file)
+    for line in (root / "geneval" / "train_metadata.jsonl").read_text().splitlines():
+        validate_metadata(json.loads(line))
+    assert all('"' in line for line in (root / "ocr" / "train.txt").read_text().splitlines())  # text to render
