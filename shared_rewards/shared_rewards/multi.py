@@ -6,6 +6,7 @@ from typing import Mapping, Sequence
 import torch
 
 from .base import Reward, RewardOutput
+from .preprocess import shared_conversions
 
 
 class WeightedReward(Reward):
@@ -31,8 +32,9 @@ class WeightedReward(Reward):
               metadata: Sequence[dict] | None) -> RewardOutput:
         total = torch.zeros(images.shape[0], device=images.device, dtype=torch.float32)
         extras: dict = {}
-        for name, part in self.parts.items():
-            out = part(images, prompts, metadata)
+        with shared_conversions():  # the parts share one uint8 copy of the batch
+            outputs = {name: part(images, prompts, metadata) for name, part in self.parts.items()}
+        for name, out in outputs.items():
             weight = self.weights[name]
             scores = out.scores if weight != 0 else out.scores.detach()
             total = total + weight * scores

@@ -6,6 +6,8 @@ the zeroth-order upstream trainers scored. Tests measure how far the two drift a
 """
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from typing import Sequence
 
 import numpy as np
@@ -71,10 +73,38 @@ def resize(images: torch.Tensor, size: int, mode: str, antialias: bool) -> torch
     raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {mode!r}")
 
 
+_shared = threading.local()
+
+
+@contextmanager
+def shared_conversions():
+    """Within this block, `to_uint8` of the same unchanged tensor is computed once and reused: a weighted mix
+    (GenEval's JPEGs, PickScore's PIL images) reads the batch off the device and rounds it once, not per
+    part. Blocks nest; the cache lives in this thread only and is dropped when the outer block ends."""
+    outer = getattr(_shared, "cache", None)
+    if outer is None:
+        _shared.cache = {}
+    try:
+        yield
+    finally:
+        if outer is None:
+            _shared.cache = None
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[B,3,H,W] float in [0,1] -> [B,H,W,3] uint8, rounding to nearest like the upstream trainers."""
+    """[B,3,H,W] float in [0,1] -> [B,H,W,3] uint8, rounding to nearest like the upstream trainers. Callers get
+    a read-only array when it may be shared (inside `shared_conversions`)."""
+    cache = getattr(_shared, "cache", None)
+    key = (images.data_ptr(), images._version, tuple(images.shape), tuple(images.stride()), images.dtype,
+           str(images.device)) if cache is not None else None
+    if key is not None and key in cache:
+        return cache[key][1]
     arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
-    return arr.permute(0, 2, 3, 1).cpu().numpy()
+    arr = arr.permute(0, 2, 3, 1).cpu().numpy()
+    if key is not None:
+        arr.flags.writeable = False
+        cache[key] = (images, arr)  # holding the tensor keeps its memory (and so the key) from being reused
+    return arr
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

@@ -138,3 +138,32 @@ def test_load_reward_with_a_mapping_builds_a_mix_with_per_reward_options():
 def test_to_uint8_rounds_to_nearest():
     x = torch.tensor([0.0, 0.6 / 255, 1.49 / 255, 1.51 / 255, 1.0]).view(1, 1, 1, 5).expand(1, 3, 1, 5)
     assert to_uint8(x)[0, 0, :, 0].tolist() == [0, 1, 1, 2, 255]
+
+
+def test_a_weighted_mix_reads_the_batch_off_the_device_once(monkeypatch):
+    """The parts of a mix share one uint8 copy of the images (GenEval's JPEGs and PickScore's PIL images in the
+    paper's run used to convert the batch once each); the scores are those of the parts scored alone."""
+    from shared_rewards import preprocess
+
+    conversions = []
+    original_cpu = torch.Tensor.cpu
+
+    def counting_cpu(self, *args, **kwargs):
+        if self.dtype == torch.uint8:
+            conversions.append(tuple(self.shape))
+        return original_cpu(self, *args, **kwargs)
+
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    parts = {"small": load_reward("jpeg_compressibility"), "big": load_reward("jpeg_incompressibility")}
+    alone = {name: part(images).scores for name, part in parts.items()}
+    monkeypatch.setattr(torch.Tensor, "cpu", counting_cpu)
+    out = WeightedReward(parts, {"small": 1.0, "big": 0.5})(images)
+    assert len(conversions) == 1
+    assert torch.equal(out.extras["small"], alone["small"]) and torch.equal(out.extras["big"], alone["big"])
+    # outside a mix nothing is cached; inside, the shared array is read-only so no part can alter another's input
+    assert preprocess.to_uint8(images) is not preprocess.to_uint8(images)
+    with preprocess.shared_conversions():
+        shared = preprocess.to_uint8(images)
+        assert preprocess.to_uint8(images) is shared and not shared.flags.writeable
+        images.add_(0.0)  # an in-place change of the tensor is a new version: converted again
+        assert preprocess.to_uint8(images) is not shared
