@@ -95,7 +95,7 @@ SAMPLER_COMMON = {"sample.test_batch_size": 16, "train.num_inner_epochs": 1, "tr
 SAMPLER_BLOCKS = {
     # Flow-GRPO: whole SDE trajectories, 32 images per rollout per process, batch-std advantages
     "default": {"sample.sampling_mode": "default", "sample.train_batch_size": 32, "train.batch_size": 32,
-                "sample.global_std": True, "sample.same_latent": False},
+                "sample.global_std": True, "sample.same_latent": False},  # same_latent: unused
     # ODE backbone with k_i one-step SDE branches at step i, B = 4 initial noises per rollout, the
     # transformer sees L = 12 branch rows per call, a microbatch is L x T rows, 2 optimizer steps per epoch
     "branch": {"sample.sampling_mode": "sde_branching", "sample.global_std": False,
@@ -159,6 +159,7 @@ def _assemble(profile, sampler, reward, loss, reweight):
     if sampler == "branch":
         config.sample.group_strategy = "seed"  # advantages per (initial noise, step): the k_i branches
     config.save_dir = f"../logs/sd3/{profile}/{sampler}/{reward}/{loss}_{reweight}"
+    config.config_id = f"sd3.{profile}.{sampler}.{reward}.{loss}.{reweight}"
     return config
 
 
@@ -189,11 +190,17 @@ def tiny(config_id, world_size=None):
     else:
         config.sample.collection_batch_size = 2  # one rollout holds a prompt's 2 images (BranchPromptSampler needs ipp | B x processes)
         config.latent_chunk_size = config.train.batch_size = TINY_CHUNK
-    # tiny text encoders give other embedding shapes: keep their cache apart from the real one
-    cache_dir = os.path.join(ROOT, "..", "cache", "sd35_embeddings", "tiny", os.path.basename(config.dataset))
-    config.train_hdf5_path = os.path.join(cache_dir, "train_embeddings.h5")
-    config.test_hdf5_path = os.path.join(cache_dir, "test_embeddings.h5")
+    # the kit's tiny prompt set of this reward and its embeddings by the tiny text encoders (built once, cached
+    # beside the tiny models): no fetch_data.py or preprocessing needed
+    from sd35zo.tiny_data import tiny_embeddings, tiny_prompt_files
+
+    folder, _, train_file, test_file = presets.prompt_set(fields["reward"])
+    config.train_prompt_file_path, config.test_prompt_file_path = tiny_prompt_files(folder, train_file, test_file)
+    config.train_hdf5_path, config.test_hdf5_path = tiny_embeddings(folder, train_file, test_file)
+    config.dataset = os.path.dirname(config.train_prompt_file_path)
+    config.train.ema_update_interval = 1  # a tiny run takes a few optimizer steps; the EMA must still move
     config.wandb.mode = "disabled"
+    config.config_id = TINY_PREFIX + config_id
     config.save_dir = "../logs/tiny/" + config.save_dir[len("../logs/"):]
     _check_and_derive(config, world_size)
     return config
@@ -216,6 +223,7 @@ DESIGN_NOTES = {
     "sample.num_batches_per_epoch": "sampling budget: rollouts per epoch per process (derived)",
     "train.gradient_accumulation_steps": "default trainer: rollouts per optimizer step (derived); unused by branch",
     "save_dir": "run folder named after the id",
+    "config_id": "the id itself",
 }
 
 

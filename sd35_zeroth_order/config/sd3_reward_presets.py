@@ -60,8 +60,11 @@ def service_url(env_var, default):
 def reward_options(name):
     """Keyword options for `shared_rewards.load_reward(name, ...)` matching the upstream SD3.5 scorers."""
     if name == "geneval":
-        # upstream client default: TEMPFLOW_GENEVAL_REWARD_URL or 127.0.0.1:18085; training scores strictly
-        return {"url": service_url("TEMPFLOW_GENEVAL_REWARD_URL", "http://127.0.0.1:18085"), "only_strict": True}
+        # upstream client default: TEMPFLOW_GENEVAL_REWARD_URL or 127.0.0.1:18085; training scores strictly.
+        # retry_timeout_s (ours): how long the client keeps retrying a server that went away (a restart reloads
+        # the detector), instead of ending the run
+        return {"url": service_url("TEMPFLOW_GENEVAL_REWARD_URL", "http://127.0.0.1:18085"), "only_strict": True,
+                "retry_timeout_s": 120.0}
     if name == "deqa":
         return {"url": service_url("TEMPFLOW_DEQA_REWARD_URL", "http://127.0.0.1:18086")}
     if name == "unifiedreward":

@@ -53,6 +53,38 @@ def _positive_int(key, value):
              f"{key}={value!r} must be a positive integer")
 
 
+def _number(key, value, low=None, high=None, low_open=False, high_open=True):
+    """A finite real in [low, high) (or (low, ...) with low_open); bounds None are unbounded."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (low is None or (value > low if low_open else value >= low))
+    ok = ok and (high is None or (value < high if high_open else value <= high))
+    lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+    hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+    _require(ok, f"{key}={value!r} must be a finite number {' and '.join(x for x in (lo, hi) if x)}".rstrip())
+
+
+def _boolean(key, value):
+    _require(isinstance(value, bool), f"{key}={value!r} must be True or False")
+
+
+# Keys kept from upstream's config so its override names stay valid, but read by no trainer here (spec
+# §7.10.8): a value other than the one its config id gives is refused instead of being silently ignored.
+UNREAD_KEYS = ("logdir", "dataset", "fsdp_optimizer_offload", "prompt_fn_kwargs", "train.clip_range_lt",
+               "train.clip_range_gt", "train.timestep_shift", "sample.batch_size", "sample.branch_batch_size",
+               "sample.same_latent")
+UNREAD_BY_BRANCH = ("per_prompt_stat_tracking", "train.gradient_accumulation_steps")
+# Keys the budget derivation writes from the number of processes; an override would be overwritten.
+DERIVED_KEYS = {"world_size": "the number of processes the run starts",
+                "sample.num_batches_per_epoch": "sample.num_prompt_per_epoch x sample.num_image_per_prompt / "
+                                                "(images per rollout x processes)"}
+DERIVED_BY_DEFAULT = {"train.gradient_accumulation_steps": "sample.num_batches_per_epoch / 2 (two optimizer "
+                                                           "steps an epoch)"}
+BOOL_KEYS = ("allow_tf32", "use_lora", "activation_checkpointing", "per_prompt_stat_tracking",
+             "resume_ignore_config_changes", "sample.global_std", "train.use_8bit_adam", "train.cfg",
+             "train.heuristic_kldenom_trick", "train.use_ode_kl_anchor", "train.ema", "train.ema_once_per_step")
+NAN_POLICIES = ("stop", "skip")
+
+
 def is_branch(config):
     return config.sample.sampling_mode == "sde_branching"
 
@@ -121,8 +153,30 @@ def validate(config):
     _positive_int("num_epochs", config.num_epochs)
     _positive_int("save_freq", config.save_freq)
     _positive_int("eval_freq", config.eval_freq)
+    _positive_int("resolution", config.resolution)
     _require(config.resolution % 16 == 0, f"resolution={config.resolution!r} must be a multiple of 16 "
              "(VAE factor 8 x transformer patch 2)")
+    _require(isinstance(config.seed, int) and not isinstance(config.seed, bool), f"seed={config.seed!r} must be an integer")
+    for key in BOOL_KEYS:
+        _boolean(key, _get(config, key))
+    _number("train.learning_rate", train.learning_rate, 0.0, low_open=True)
+    _number("train.adam_beta1", train.adam_beta1, 0.0, 1.0)
+    _number("train.adam_beta2", train.adam_beta2, 0.0, 1.0)
+    _number("train.adam_epsilon", train.adam_epsilon, 0.0, low_open=True)
+    _number("train.adam_weight_decay", train.adam_weight_decay, 0.0)
+    _number("train.max_grad_norm", train.max_grad_norm, 0.0, low_open=True)
+    _number("train.clip_range", train.clip_range, 0.0, low_open=True)
+    _number("train.adv_clip_max", train.adv_clip_max, 0.0, low_open=True)
+    _number("train.beta", train.beta, 0.0)
+    _number("sample.noise_level", sample.noise_level, 0.0, low_open=True)  # sigma_t = 0 has no log-probability
+    _number("sample.guidance_scale", sample.guidance_scale, 0.0, low_open=True)
+    _positive_int("train.ema_update_interval", train.ema_update_interval)
+    _positive_int("num_checkpoint_limit", config.num_checkpoint_limit)
+    _one_of("nan_policy", config.nan_policy, NAN_POLICIES)
+    _require(isinstance(config.pretrained.model, str) and config.pretrained.model.strip(),
+             "pretrained.model is empty; give a hub id or a local diffusers directory (--model)")
+    _require(isinstance(config.pretrained.revision, str) and config.pretrained.revision.strip(),
+             f"pretrained.revision={config.pretrained.revision!r} must be a hub branch, tag or commit (default 'main')")
     if not is_branch(config):
         _positive_int("sample.train_batch_size", sample.get("train_batch_size"))
         return
@@ -216,6 +270,18 @@ def _divisors(n):
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def _split_fixes(rows, steps, chunk, updates):
+    """The overrides that make `rows` split into whole optimizer steps: the nearest updates_per_epoch, and the
+    largest smaller latent_chunk_size that keeps `updates` steps (the same rows per step, smaller microbatches)."""
+    micro = math.ceil(rows / (chunk * steps))
+    nearest = min((d for d in _divisors(micro) if d > 1), key=lambda d: (abs(d - updates), d), default=1)
+    fixes = [f"--config.train.updates_per_epoch={nearest} ({nearest} optimizer steps an epoch)"]
+    smaller = next((c for c in range(chunk - 1, 0, -1) if math.ceil(rows / (c * steps)) % updates == 0), None)
+    if smaller is not None:
+        fixes.append(f"--config.latent_chunk_size={smaller} (keeps {updates} steps an epoch)")
+    return "; to run on this many processes pass " + " or ".join(fixes)
+
+
 def _split_epoch(config, world_size):
     rollout = rollout_budget(config, world_size)
     steps = train_steps(config)
@@ -246,7 +312,7 @@ def _split_epoch(config, world_size):
     _require(micro % updates == 0,
              f"train.updates_per_epoch={updates} must divide the {micro} microbatches per epoch (ceil({rows} rows / "
              f"{unit} = latent_chunk_size x T)) on {world_size} processes; allowed train.updates_per_epoch: "
-             f"{', '.join(map(str, _divisors(micro)))}")
+             f"{', '.join(map(str, _divisors(micro)))}{_split_fixes(rows, steps, config.latent_chunk_size, updates)}")
     return Budget(world_size, rollouts, batch, rollout.images_per_epoch, steps, rows_per_epoch=rows,
                   anchor_rows_per_epoch=anchors, microbatch_rows=unit, microbatches_per_epoch=micro,
                   padding_rows=micro * unit - rows, gradient_accumulation=micro // updates,
@@ -269,16 +335,71 @@ def write_derived_keys(config, world_size):
 
 
 def finalize(config, world_size):
-    """Validate, check that an epoch splits into whole optimizer steps on `world_size` processes, write the
-    derived keys and return the Budget. Raises ConfigError.
+    """Validate, refuse values of keys no trainer reads, check that an epoch splits into whole optimizer steps
+    on `world_size` processes, write the derived keys and return the Budget. Raises ConfigError.
 
     Trainers call this once, after command-line overrides and before building any model, with the real
     number of processes; `scripts/single_node/run_sd3.sh` calls it (through `main`) before launching.
     """
     validate(config)
+    check_unread_and_derived_keys(config)
     budget = derive_budgets(config, world_size)
     write_derived_keys(config, world_size)
     return budget
+
+
+def _get(config, dotted, default=None):
+    node = config
+    for part in dotted.split("."):
+        if part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def pristine_config(config_id):
+    """The config the matrix builds for `config_id` (`sd3...` or `tiny:sd3...`) in this process's environment,
+    or None for a config written by hand. Loaded by path, like ml_collections loads it."""
+    if not config_id:
+        return None
+    import importlib.util
+
+    path = os.path.join(COMPONENT_ROOT, "config", "sd3_matrix.py")
+    spec = importlib.util.spec_from_file_location("sd35zo_pristine_matrix", path)
+    matrix = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(matrix)
+    return matrix.get_config(config_id)
+
+
+def check_unread_and_derived_keys(config, pristine=None):
+    """Refuse a changed value of a key that is read by no trainer (UNREAD_KEYS) or written by the budget
+    derivation (DERIVED_KEYS): either would be accepted and ignored. "Changed" = different from what the
+    config's own id builds; `train.batch_size` may also equal the batch the trainer really uses."""
+    pristine = pristine if pristine is not None else pristine_config(config.get("config_id", ""))
+    if pristine is None:
+        return
+    missing = object()
+    unread = UNREAD_KEYS + (UNREAD_BY_BRANCH if is_branch(config) else ())
+    for key in unread:
+        value, original = _get(config, key, missing), _get(pristine, key, missing)
+        if value is not missing and original is not missing and value != original:
+            raise ConfigError(f"{key}={_plain(value)!r} is not read by this trainer (upstream key kept for "
+                              f"compatibility); leave it at {_plain(original)!r}")
+    derived = {**DERIVED_KEYS, **({} if is_branch(config) else DERIVED_BY_DEFAULT)}
+    for key, source in derived.items():
+        value, original = _get(config, key, missing), _get(pristine, key, missing)
+        if value is not missing and original is not missing and value != original:
+            raise ConfigError(f"{key}={value!r} is derived ({key} = {source}); change those instead")
+    used = config.latent_chunk_size if is_branch(config) else config.sample.train_batch_size
+    used_key = "latent_chunk_size" if is_branch(config) else "sample.train_batch_size"
+    batch = config.train.batch_size
+    _require(batch == pristine.train.batch_size or batch == used,
+             f"train.batch_size={batch!r} is not read: this trainer's batch is {used_key}={used!r} "
+             f"(set {used_key}, or train.batch_size to the same value)")
+
+
+def _plain(value):
+    return value.to_dict() if hasattr(value, "to_dict") else value
 
 
 def run_path(path):
@@ -293,9 +414,10 @@ def main(argv=None):
     from absl import flags
     from ml_collections import config_flags
 
-    if argv is not None:
-        sys.argv = list(argv)  # config_flags finds the override flags by reading sys.argv when defined
-    argv = sys.argv
+    argv = list(sys.argv if argv is None else argv)
+    paths_warn = "--paths-warn" in argv
+    argv = [arg for arg in argv if arg != "--paths-warn"]
+    sys.argv = argv  # config_flags finds the override flags by reading sys.argv when defined
     registry = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "config file[:argument]", flag_values=registry,
                                     lock_config=False)
@@ -308,19 +430,51 @@ def main(argv=None):
         print(f"config error: {_root_message(error)}", file=sys.stderr)
         return 1
     print(f"budget: {budget.summary()}")
+    try:  # what the trainer checks next, before its models load: files, model, run folder, resume state
+        from . import checkpoints, preflight, run_folder
+
+        preflight.check_all(config)
+        plan = run_folder.plan_run(config, checkpoints.load_state, checkpoints.math_key_diff)
+    except ConfigError as error:
+        print(f"{'warning' if paths_warn else 'error'}: {error}", file=sys.stderr)
+        return 0 if paths_warn else 1
+    print(f"run folder: {plan.run_dir}" + (f" (resuming {plan.resume_dir})" if plan.resume_dir else ""))
     return 0
+
+
+def unknown_key_message(error, argv=None):
+    """`no config key train.learnign_rate (did you mean train.learning_rate?)` for the KeyError/AttributeError
+    ml_collections raises on an override of a key that does not exist (its text nests reprs and quotes)."""
+    import re
+
+    text = str(error)
+    names = re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text.split("Did you mean")[0])
+    missing = names[0] if names else text
+    suggestion = re.search(r'Did you mean "([^"]+)"', text)
+    dotted = missing
+    for arg in argv if argv is not None else sys.argv:
+        key = arg.split("=", 1)[0]
+        if key.startswith("--config.") and re.search(rf"(^|\.){re.escape(missing)}(\.|$)", key[len("--config."):]):
+            dotted = key[len("--config."):]
+            break
+    message = f"no config key {dotted}"
+    if suggestion:
+        message += f" (did you mean {dotted.replace(missing, suggestion.group(1), 1)}?)"
+    return message + "; check the --config.<key>=<value> overrides"
 
 
 def _root_message(error):
     """One line for the user: the ConfigError behind `error` if there is one (ml_collections folds the
     traceback of an error raised in get_config into its own message), else the last line of the message."""
-    cause = error
-    while cause is not None:
+    cause, deepest = error, None
+    while cause is not None:  # ml_collections re-raises our ConfigError with its own text: take the innermost
         if isinstance(cause, ConfigError):
-            return str(cause).splitlines()[0]
+            deepest = cause
         cause = cause.__cause__ or cause.__context__
+    if deepest is not None and not str(deepest).startswith("Error whilst parsing"):
+        return str(deepest).splitlines()[0]
     if isinstance(error, (KeyError, AttributeError)):  # ml_collections: override of a key that does not exist
-        return f"no config key {str(error).strip(chr(34))} (check the --config.<key>=<value> overrides)"
+        return unknown_key_message(error)
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     marker = f"{ConfigError.__name__}: "
     for line in lines:
@@ -330,4 +484,7 @@ def _root_message(error):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the package's copy of this module, so ConfigError raised by the modules it calls is the one caught here
+    from sd35zo.config_check import main as package_main
+
+    sys.exit(package_main())

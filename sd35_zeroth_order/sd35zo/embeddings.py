@@ -76,6 +76,8 @@ def read_prompt_file(path: str) -> Tuple[List[str], List[dict]]:
                 raise ValueError(f"{path}:{lineno}: expected a JSON object with a 'prompt' key ({err})") from None
             prompts.append(text)
             metadatas.append(item)
+    if not prompts:
+        raise ValueError(f"prompt file {path} holds no prompts (empty or only blank lines)")
     return prompts, metadatas
 
 

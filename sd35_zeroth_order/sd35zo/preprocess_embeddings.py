@@ -35,9 +35,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch_size must be a positive int, got {args.batch_size}")
+    from sd35zo.embeddings import read_prompt_file
+
     for flag in ("train_prompt_file", "test_prompt_file"):
         if not os.path.isfile(getattr(args, flag)):
             parser.error(f"--{flag}: file not found: {getattr(args, flag)}")
+        try:
+            read_prompt_file(getattr(args, flag))  # before any model loads: empty files, bad JSON lines
+        except ValueError as error:
+            parser.error(f"--{flag}: {error}")
     return args
 
 

@@ -162,8 +162,43 @@ def latent_geometry(pretrained_model: str, height: int, width: int) -> tuple[int
     return transformer_config["in_channels"], height // vae_scale, width // vae_scale
 
 
+DEFAULT_MODEL = "stabilityai/stable-diffusion-3.5-medium"
+
+
+def resolve_defaults(args) -> None:
+    """Fill the options left unset: the base model (--tiny: the tiny test model; else the run's own from the
+    config.json beside --checkpoint-root; else SD3.5-Medium), the size (64 px tiny, 512 otherwise) and the
+    seeds per prompt (2 tiny, 8 otherwise)."""
+    tiny = getattr(args, "tiny", False)
+    if args.pretrained_model is None:
+        if tiny:
+            from rsm_testkit import get_tiny_model  # the test kit, installed by `make install`
+
+            args.pretrained_model = str(get_tiny_model("sd35"))
+        else:
+            args.pretrained_model = run_base_model(args.checkpoint_root) or DEFAULT_MODEL
+    for name, small, full in (("height", 64, 512), ("width", 64, 512), ("images_per_prompt", 2, 8)):
+        if getattr(args, name, None) is None:
+            setattr(args, name, small if tiny else full)
+
+
+def run_base_model(checkpoint_root: Optional[str]) -> Optional[str]:
+    """`pretrained.model` of the run whose `checkpoints/` folder is `checkpoint_root` (its config.json)."""
+    if not checkpoint_root:
+        return None
+    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint_root)), "config.json")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            model = json.load(fh)["pretrained"]["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    logger.info("base model from %s: %s", path, model)
+    return model
+
+
 def plan(args) -> Plan:
     """Validate every input of a run (see module doc); raises QualitativeError with one line."""
+    resolve_defaults(args)
     for name in ("images_per_prompt", "image_batch_size", "num_inference_steps"):
         if getattr(args, name) < 1:
             raise QualitativeError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
@@ -252,19 +287,31 @@ def render(pipe, prompt: str, latents: Dict[int, torch.Tensor], seeds: Sequence[
     return images
 
 
-def save_grid(rows: List[List[str]], path: str) -> None:
-    """Image files of equal size pasted into one image (rows = epochs, columns = seeds); read back from disk
-    so that a run over a whole prompt set never holds more than one grid in memory."""
-    from PIL import Image
+GRID_LABEL_LEFT, GRID_LABEL_TOP = 96, 24  # px of the label bands: "epoch <n>" on the left, "seed <s>" on top
 
-    grid = None
+
+def save_grid(rows: List[List[str]], path: str, row_labels: Sequence[str] = (),
+              column_labels: Sequence[str] = ()) -> None:
+    """Image files of equal size pasted into one image (rows = epochs, columns = seeds), with a white band on
+    the left naming each row and one on top naming each column (the cell of row r, column c starts at
+    (GRID_LABEL_LEFT + c·w, GRID_LABEL_TOP + r·h)). Images are read back from disk so that a run over a whole
+    prompt set never holds more than one grid in memory."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    grid, draw = None, None
     for r, row in enumerate(rows):
         for c, file in enumerate(row):
             with Image.open(file) as image:
                 w, h = image.size
                 if grid is None:
-                    grid = Image.new("RGB", (w * len(row), h * len(rows)))
-                grid.paste(image.convert("RGB"), (c * w, r * h))
+                    grid = Image.new("RGB", (GRID_LABEL_LEFT + w * len(row), GRID_LABEL_TOP + h * len(rows)), "white")
+                    draw = ImageDraw.Draw(grid)
+                grid.paste(image.convert("RGB"), (GRID_LABEL_LEFT + c * w, GRID_LABEL_TOP + r * h))
+    font = ImageFont.load_default()
+    for r, label in enumerate(row_labels):
+        draw.text((4, GRID_LABEL_TOP + r * h + h // 2 - 6), label, fill="black", font=font)
+    for c, label in enumerate(column_labels):
+        draw.text((GRID_LABEL_LEFT + c * w + 4, 6), label, fill="black", font=font)
     grid.save(path)
 
 
@@ -301,7 +348,8 @@ def run(args) -> str:
     for slug in p.slugs:
         rows = [[os.path.join(p.output_dir, image_file_name(slug, seed, c.epoch)) for seed in p.seeds]
                 for c in p.checkpoints]
-        save_grid(rows, os.path.join(p.output_dir, grid_file_name(slug)))
+        save_grid(rows, os.path.join(p.output_dir, grid_file_name(slug)),
+                  row_labels=[f"epoch {c.epoch}" for c in p.checkpoints], column_labels=[f"seed {s}" for s in p.seeds])
     logger.info("wrote %d images and %d grids to %s", len(p.prompts) * len(p.seeds) * len(p.checkpoints),
                 len(p.prompts), p.output_dir)
     return p.output_dir

@@ -22,10 +22,10 @@ from .rewards import submit_scores
 from .sampling import decode_latents, initial_latents
 from .sampling_branch import exploration_weights, mean_active_k, sample_branches
 from .trainer_common import (IMAGE_LOG_EVERY, Run, add_lora, collate, count_inner_epoch_updates, ema_step,
-                             gathered_reward_means, load_checkpoint, log_step_means, optimizer_step, policy_velocity,
-                             rows_loss, run_epochs, save_checkpoint, seeded_generator, setup as setup_common)
+                             optimizer_step, policy_velocity, progress, reward_statistics, rows_loss, run_epochs,
+                             save_checkpoint, seeded_generator, setup as setup_common)
 
-__all__ = ["setup", "train", "add_lora", "save_checkpoint", "load_checkpoint"]
+__all__ = ["setup", "train", "add_lora", "save_checkpoint"]
 
 
 def _branch_sampler(config, num_prompts, accelerator):
@@ -56,7 +56,7 @@ def sample_epoch(run: Run, epoch: int) -> dict:
     stats = {"useful": 0, "processed": 0}
     pool = ThreadPoolExecutor(max_workers=1)
     run.transformer.eval()
-    for b in range(run.budget.rollouts_per_epoch):
+    for b in progress(run, range(run.budget.rollouts_per_epoch), f"epoch {epoch + 1} sampling"):
         counter = branch_counter(epoch, b, run.budget.rollouts_per_epoch)
         batch = collate(run.train_set, run.sampler.batch_for(counter))
         run.sampler.set_counter(counter + 1)
@@ -110,6 +110,7 @@ def build_rows(run: Run, sampled: dict) -> tuple[dict, dict, dict]:
         put(table, "next_latents", rows.row_next_latents)
         put(table, "log_probs", rows.row_log_probs)
         put(table, "timesteps", rows.row_timesteps)
+        put(table, "step", rows.row_step_idx)
         put(table, "k", rows.row_exploration_k)
         put(table, "sample", rows.row_sample_idx + offset)
         for key, value in (("mean_old", rows.row_prev_sample_mean), ("noises", rows.row_noises),
@@ -119,6 +120,7 @@ def build_rows(run: Run, sampled: dict) -> tuple[dict, dict, dict]:
         if rows.kl_row_latents.shape[0]:
             put(anchors, "latents", rows.kl_row_latents)
             put(anchors, "timesteps", rows.kl_row_timesteps)
+            put(anchors, "step", rows.kl_row_step_idx)
             put(anchors, "sample", rows.kl_row_sample_idx + offset)
         offset += embeds.shape[0]
     cat = lambda store: {k: torch.cat(v) for k, v in store.items()}  # noqa: E731
@@ -135,12 +137,12 @@ def compute_advantages(run: Run, sampled: dict, epoch: int) -> tuple[torch.Tenso
     labels = grouping_labels(config.sample.group_strategy, prompts=prompts, seed_ids=seeds, timesteps=timesteps)
     gathered = gather_group_advantages(rewards["avg"], labels, adv_clip=float(config.train.adv_clip_max),
                                        global_std=config.sample.global_std)
-    metrics = {"epoch": epoch, "group_strategy": config.sample.group_strategy,
+    metrics = {"group_strategy": config.sample.group_strategy,
                "group_size": mean_group_size(gathered.all_labels),
                "zero_std_ratio": zero_std_ratio(gathered.all_rewards, gathered.all_labels),
                "reward_std_mean": mean_group_std(gathered.all_rewards, gathered.all_labels),
                "trained_prompt_num": len(run.seen_prompts)}
-    metrics.update(gathered_reward_means(run, rewards))
+    metrics.update(reward_statistics(run, rewards))
     return gathered.local, metrics
 
 
@@ -170,11 +172,11 @@ def update(run: Run, table: dict, anchors: dict, prompts: dict, advantages: torc
     weight = exploration_weights(table["k"].cpu(), run.schedule)[index]  # [P] k̄/k
     adv = advantages.cpu()[index]
     unit, accum = budget.microbatch_rows, budget.gradient_accumulation
-    run.logger.log({"epoch": epoch, "actual_transition_rows": num_rows, "selected_transition_rows": int(mask.sum()),
-                    "actual_kl_anchor_rows": anchors["latents"].shape[0] if anchors else 0,
-                    "padded_policy_units": len(index) - num_rows,
-                    "actual_microbatches_per_epoch": len(index) // unit,
-                    "expected_microbatches_per_epoch": budget.microbatches_per_epoch}, run.global_step)
+    run.epoch_metrics.update({"actual_transition_rows": num_rows, "selected_transition_rows": int(mask.sum()),
+                              "actual_kl_anchor_rows": anchors["latents"].shape[0] if anchors else 0,
+                              "padded_policy_units": len(index) - num_rows,
+                              "actual_microbatches_per_epoch": len(index) // unit,
+                              "expected_microbatches_per_epoch": budget.microbatches_per_epoch})
     run.transformer.train()
     for inner in range(config.train.num_inner_epochs):
         gen = seeded_generator(config.seed, run.accelerator.process_index, epoch, inner, 7)
@@ -182,15 +184,15 @@ def update(run: Run, table: dict, anchors: dict, prompts: dict, advantages: torc
         num_anchor = anchors["latents"].shape[0] if anchors else 0
         anchor_chunks = torch.randperm(num_anchor, generator=gen).tensor_split(budget.microbatches_per_epoch)
         steps_before, window = run.global_step, []
-        for j in range(budget.microbatches_per_epoch):
+        microbatches = progress(run, range(budget.microbatches_per_epoch), f"epoch {epoch + 1} training")
+        for j in microbatches:
             pos = order[j * unit:(j + 1) * unit]
             loss, stats = rows_loss(run, table, anchors, prompts, index[pos], anchor_chunks[j], adv[pos], mask[pos],
-                                          weight[pos])
+                                    weight[pos])
             (loss / accum).backward()
             window.append(stats)
             if (j + 1) % accum == 0:
-                optimizer_step(run)
-                log_step_means(run, window, epoch=epoch + 1, inner_epoch=inner)
+                optimizer_step(run, window, epoch=epoch + 1, inner_epoch=inner)
                 window = []
             ema_step(run)  # after every microbatch, as upstream (spec §7.3), unless train.ema_once_per_step
         count_inner_epoch_updates(run, steps_before)
@@ -203,13 +205,12 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
     started = time.time()
     sampled = sample_epoch(run, epoch)                                   # sample + score
     stats = sampled["stats"]
-    run.logger.log({"2b_useful_row_steps": stats["useful"], "2b_processed_row_steps": stats["processed"],
-                    "2b_padded_row_steps": stats["processed"] - stats["useful"],
-                    "2b_padding_ratio": (stats["processed"] - stats["useful"]) / max(stats["processed"], 1)},
-                   run.global_step)
+    run.epoch_metrics.update({"2b_useful_row_steps": stats["useful"], "2b_processed_row_steps": stats["processed"],
+                              "2b_padded_row_steps": stats["processed"] - stats["useful"],
+                              "2b_padding_ratio": (stats["processed"] - stats["useful"]) / max(stats["processed"], 1)})
     sample_time = time.time() - started - stats["reward_wait_time"]
     advantages, adv_metrics = compute_advantages(run, sampled, epoch)   # advantages
-    run.logger.log(adv_metrics, run.global_step)
+    run.epoch_metrics.update(adv_metrics)
     if epoch % IMAGE_LOG_EVERY == 0:
         images, prompts = sampled["first_rollout"]
         run.logger.log_images(images, prompts, sampled["scores"][0]["avg"], epoch)

@@ -12,6 +12,11 @@ exactly, the last epoch is always evaluated and saved, v_old is stored in the em
 fp32 embeddings), and every random draw comes from a generator seeded by (seed, rank, epoch, ...), so a
 resumed run repeats the uninterrupted one bit for bit on CPU.
 
+What every trainer of this repository promises (../shared/TRAINER_CONTRACT.md) lives in small modules beside
+this one: `preflight` (paths and model checked before any model loads), `run_folder` (the run folder, its
+config.json / run.json / metrics.jsonl, refusing to overwrite a run), `checkpoints` (atomic, weights-only,
+limited); here, `optimizer_step` stops a run at the first non-finite loss, gradient norm or weight.
+
 Epoch numbering: `checkpoint-<n>` and evaluation "at epoch n" describe the policy after n trained epochs
 (both trainers; upstream's default trainer named checkpoints by optimizer step).
 """
@@ -19,8 +24,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
-import random
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -28,7 +34,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from . import config_check
+from . import checkpoints, config_check, preflight, run_folder
 from .ema import ParameterEMA
 from .embeddings import PrecomputedEmbeddingDataset, read_negative
 from .kl import anchor_kl, sde_kl_rows
@@ -37,7 +43,7 @@ from .rsm_loss import matching_row_loss
 from .sampling_branch import mean_active_k
 from .rewards import build_reward, submit_scores
 from .sampling import decode_latents, initial_latents, make_cfg_velocity, sample_ode
-from .sde import flow_sigmas, sde_mean, sde_step_with_logprob, step_sigmas
+from .sde import flow_sigmas, sde_mean, sde_step_with_logprob, timesteps_from_sigmas
 
 logger = logging.getLogger("sd35zo.trainer")
 
@@ -45,13 +51,16 @@ logger = logging.getLogger("sd35zo.trainer")
 LORA_TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                 "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"]
 LORA_RANK, LORA_ALPHA = 32, 64  # upstream train_sd3*.py LoraConfig
-STATE_FILE = "training_state.pt"
 IMAGE_LOG_EVERY = 10  # epochs between logged training images (spec §7.7)
 # The trainer script each sampling mode belongs to (for the error when a config reaches the wrong one).
 TRAINER_SCRIPTS = {"default": "scripts/train_sd3.py", "sde_branching": "scripts/train_sd3_pr.py"}
 
 
 # ------------------------------------------------------------------------------------------------ set-up
+
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss, gradient norm or weight; the message is one line for the user."""
+
 
 @dataclass
 class Run:
@@ -79,6 +88,13 @@ class Run:
     global_step: int = 0
     seen_prompts: set = field(default_factory=set)
     updates_this_epoch: int = 0
+    samples: int = 0  # images scored since the run began, all processes (the x-axis of compute curves)
+    elapsed_before: float = 0.0  # seconds trained before this start (resumed runs)
+    started: float = field(default_factory=time.time)
+    skipped_steps: int = 0  # optimizer steps skipped by nan_policy=skip
+    epoch_metrics: dict = field(default_factory=dict)  # what the epoch's record collects while it runs
+    step_losses: list = field(default_factory=list)  # this epoch's per-step mean losses
+    last_checkpoint: Optional[str] = None
 
 
 def seeded_generator(*keys, device="cpu") -> torch.Generator:
@@ -88,6 +104,15 @@ def seeded_generator(*keys, device="cpu") -> torch.Generator:
     for key in keys:
         seed = (seed * 1_000_003 + int(key)) % (2**63 - 1)
     return torch.Generator(device=device).manual_seed(seed)
+
+
+def progress(run: "Run", iterable, desc: str, total: Optional[int] = None):
+    """A tqdm bar on the main process when stderr is a terminal; the bare iterable otherwise."""
+    if not (run.accelerator.is_main_process and sys.stderr.isatty()):
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
 
 
 def add_lora(transformer):
@@ -113,31 +138,62 @@ def load_lora_weights_into(transformer, lora_dir: str) -> None:
         raise ValueError(f"{lora_dir}: LoRA weights miss {len(missing)} adapter tensors, e.g. {missing[0]}")
 
 
+def load_base_models(config, device):
+    """The SD3 transformer and VAE of `pretrained.model` at `pretrained.revision`; a failure is one line."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+    model, revision = config.pretrained.model, config.pretrained.revision
+    try:
+        transformer = SD3Transformer2DModel.from_pretrained(model, subfolder="transformer", revision=revision)
+        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", revision=revision)
+    except (OSError, ValueError) as error:  # hub errors are OSErrors; a bad config.json a ValueError
+        reason = " ".join(str(error).split())[:300]
+        raise config_check.ConfigError(f"pretrained.model={model!r} (revision {revision!r}): cannot load the SD3 "
+                                       f"transformer and VAE: {reason}") from None
+    return transformer.to(device), vae.to(device).requires_grad_(False)
+
+
+def make_optimizer(config, params):
+    """AdamW (spec §7.1 step 8), or bitsandbytes' AdamW8bit with train.use_8bit_adam."""
+    train = config.train
+    kwargs = dict(lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
+                  weight_decay=train.adam_weight_decay, eps=train.adam_epsilon)
+    if train.use_8bit_adam:
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
 def setup(config, accelerator, sampling_mode: str, make_sampler: Callable, eval_kl_weights: Callable) -> Run:
     """Everything before the first epoch, for the trainer of `sampling_mode`. `make_sampler(config,
     num_prompts, accelerator)` builds its prompt sampler; `eval_kl_weights(schedule)` says which trained
-    steps the eval KL probe visits and with what weight."""
-    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    steps the eval KL probe visits and with what weight.
 
+    Order (contract §2): config values, then every path and the run folder, then the rewards (a missing
+    server or weight fails here), and only then the transformer and VAE; the run folder is created once
+    they loaded, so a failed start leaves nothing behind."""
     budget = config_check.finalize(config, accelerator.num_processes)
     if config.sample.sampling_mode != sampling_mode:
         raise config_check.ConfigError(
             f"sample.sampling_mode={config.sample.sampling_mode!r} belongs to "
             f"{TRAINER_SCRIPTS.get(config.sample.sampling_mode, 'no trainer')}, not {TRAINER_SCRIPTS[sampling_mode]}")
+    if not config.use_lora:
+        raise config_check.ConfigError("use_lora=False is not supported: the trainer optimises a LoRA adapter")
+    train_set, test_set = preflight.check_all(config)
+    plan = run_folder.plan_run(config, checkpoints.load_state, checkpoints.math_key_diff)
+    main = accelerator.is_main_process
+    if main:
+        what = (f"resuming {os.path.basename(plan.resume_dir)} (epoch {plan.resume_state['epoch']})"
+                if plan.resume_dir else "new run")
+        logger.info("run folder: %s (%s)", plan.run_dir, what)
     device = accelerator.device
+    reward, eval_reward = build_reward(config, device), build_reward(config, device, for_eval=True)
+
     torch.manual_seed(config.seed)  # the LoRA init draws: identical on every rank (nothing broadcasts them)
     if config.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
-
-    run_name = config.run_name or time.strftime("%Y.%m.%d_%H.%M.%S")
-    run_dir = os.path.join(config_check.run_path(config.save_dir), run_name)
-    metric_logger = MetricLogger(run_dir, config, accelerator.is_main_process)
-
-    model = config.pretrained.model
-    transformer = SD3Transformer2DModel.from_pretrained(model, subfolder="transformer").to(device)
-    vae = AutoencoderKL.from_pretrained(model, subfolder="vae").to(device).requires_grad_(False)
-    if not config.use_lora:
-        raise config_check.ConfigError("use_lora=False is not supported: the trainer optimises a LoRA adapter")
+    transformer, vae = load_base_models(config, device)
     params = add_lora(transformer)
     if config.train.lora_path:
         load_lora_weights_into(transformer, config_check.run_path(config.train.lora_path))
@@ -145,43 +201,58 @@ def setup(config, accelerator, sampling_mode: str, make_sampler: Callable, eval_
         transformer.enable_gradient_checkpointing()
     for p in params:
         p.data = p.data.float()  # LoRA weights and optimizer state stay fp32 (spec §7.2)
-    optimizer = torch.optim.AdamW(params, lr=config.train.learning_rate,
-                                  betas=(config.train.adam_beta1, config.train.adam_beta2),
-                                  weight_decay=config.train.adam_weight_decay, eps=config.train.adam_epsilon)
-    ema = ParameterEMA(params, once_per_step=config.train.ema_once_per_step) if config.train.ema else None
-
-    train_set = PrecomputedEmbeddingDataset(config.train_hdf5_path, config.train_prompt_file_path)
-    test_set = (PrecomputedEmbeddingDataset(config.test_hdf5_path, config.test_prompt_file_path)
-                if config.test_hdf5_path and config.test_prompt_file_path else None)
+    optimizer = make_optimizer(config, params)
+    ema = (ParameterEMA(params, interval=config.train.ema_update_interval, once_per_step=config.train.ema_once_per_step)
+           if config.train.ema else None)
     negative = tuple(t.to(device) for t in read_negative(config.train_hdf5_path, 1))  # [1,S,D], [1,Dp]
     sampler = make_sampler(config, len(train_set), accelerator)
     sigmas = flow_sigmas(config.sample.num_steps).to(device)  # [N+1]
     # [T] k_i of the trained steps; the default sampler has one SDE transition per step
     schedule = list(config_check.training_schedule(config)) if config_check.is_branch(config) else [1] * budget.train_steps
+
+    state = plan.resume_state
+    if main:
+        run_folder.create_run_dir(plan, state["metrics_lines"] if state else None)
+    accelerator.wait_for_everyone()
+    try:
+        metric_logger = MetricLogger(plan.run_dir, config, main)
+        if main:
+            run_folder.write_start_files(plan.run_dir, config, accelerator.num_processes, device, plan.resume_dir)
+    except BaseException:
+        if main:
+            run_folder.remove_if_empty_start(plan)
+        raise
     run = Run(config, accelerator, budget, transformer, vae, params, optimizer, ema, train_set, test_set, negative,
-              sampler, build_reward(config, device), build_reward(config, device, for_eval=True), sigmas, schedule,
-              list(eval_kl_weights(schedule)), run_dir, metric_logger)
-    if config.resume_from:
-        load_checkpoint(run, config_check.run_path(config.resume_from))
-    logger.info("budget: %s", budget.summary())
+              sampler, reward, eval_reward, sigmas, schedule, list(eval_kl_weights(schedule)), plan.run_dir,
+              metric_logger)
+    if state is not None:
+        apply_checkpoint_state(run, state)
+        run.last_checkpoint = plan.resume_dir
+    if main:
+        logger.info("budget: %s", budget.summary())
     return run
 
 
 # ------------------------------------------------------------------------------------------------ logging
 
 class MetricLogger:
-    """Every logged dict goes to `<run_dir>/metrics.jsonl` (main process) and, if enabled, to wandb."""
+    """`<run_dir>/metrics.jsonl` (main process): one strict-JSON object a line, `"kind": "step"` after every
+    optimizer step and `"kind": "epoch"` once per epoch (TRAINER_CONTRACT.md §4); the same dicts go to wandb
+    when it is on. `lines` counts the records in the file, so a checkpoint can say where its history ends."""
 
     def __init__(self, run_dir: str, config, is_main: bool):
         self.is_main = is_main
-        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.path = os.path.join(run_dir, run_folder.METRICS_FILE)
         self.wandb = None
+        self.lines = 0
         if not is_main:
             return
-        os.makedirs(run_dir, exist_ok=True)
+        if os.path.isfile(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                self.lines = sum(1 for _ in f)
         mode = config.wandb.mode
         if mode == "auto":
-            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+            mode = "online" if os.environ.get("WANDB_API_KEY") else "disabled"
         if mode != "disabled":
             try:
                 import wandb
@@ -191,14 +262,16 @@ class MetricLogger:
                 self.wandb = wandb.init(project=config.wandb.project, mode=mode, dir=run_dir,
                                         name=os.path.basename(run_dir), config=config.to_dict())
 
-    def log(self, metrics: dict, step: int) -> None:
+    def log(self, metrics: dict, step: int, kind: str = "step") -> None:
         if not self.is_main:
             return
         clean = {k: (float(v) if isinstance(v, (torch.Tensor, np.floating, float)) else v) for k, v in metrics.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **clean}) + "\n")
+        record = run_folder.strict({"kind": kind, "step": step, **clean})
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, allow_nan=False) + "\n")
+        self.lines += 1
         if self.wandb is not None:
-            self.wandb.log(clean, step=step)
+            self.wandb.log(record, step=step)
 
     def log_images(self, images: torch.Tensor, prompts: Sequence[str], rewards: torch.Tensor, epoch: int,
                    limit: int = 15) -> None:
@@ -228,15 +301,22 @@ class MetricLogger:
             self.wandb.log({"images": [wandb.Image(Image.fromarray(p), caption=c)
                                        for p, c in zip(pixels, captions)]}, commit=False)
 
+    def finish(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
 
 # ------------------------------------------------------------------------------------------------ shared pieces of the loops
 
-def policy_velocity(run: Run, embeds: torch.Tensor, pooled: torch.Tensor):
-    """The guided velocity of the current policy for these prompts, under the Accelerator's autocast (fp16 on
-    the paper's GPUs, a no-op in fp32). Embeddings are taken in fp32, so v_old is stored in fp32 and Δ is
-    exactly 0 on-policy (upstream stored fp16, spec §7.2)."""
+def policy_velocity(run: Run, embeds: torch.Tensor, pooled: torch.Tensor, guided: bool = True):
+    """The velocity of the current policy for these prompts, under the Accelerator's autocast (fp16 on the
+    paper's GPUs, a no-op in fp32). Embeddings are taken in fp32, so v_old is stored in fp32 and Δ is exactly 0
+    on-policy (upstream stored fp16, spec §7.2). Sampling is always guided (sample.guidance_scale); the
+    training forward and the KL terms pass `guided=config.train.cfg`: False runs the conditional branch only,
+    as upstream does with train.cfg=False (every paper config uses True)."""
+    scale = run.config.sample.guidance_scale if guided else 1.0
     velocity = make_cfg_velocity(run.transformer, embeds.float(), pooled.float(), run.negative[0].float(),
-                                 run.negative[1].float(), run.config.sample.guidance_scale)
+                                 run.negative[1].float(), scale)
 
     def autocast_velocity(x, t, rows):
         with run.accelerator.autocast():
@@ -263,44 +343,80 @@ def reference_mean(run: Run, velocity, x, t, rows, sigma, sigma_next, sigmas=Non
 
 
 def _sync_gradients(run: Run) -> None:
-    """Average gradients over processes (what DDP would do; explicit so a 1-process run needs no wrapper)."""
+    """Average gradients over processes (what DDP would do; explicit so a 1-process run needs no wrapper), as
+    one flat all-reduce rather than one per LoRA tensor."""
     if run.accelerator.num_processes == 1:
         return
     import torch.distributed as dist
 
-    for p in run.params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
-        p.grad /= run.accelerator.num_processes
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in run.params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= run.accelerator.num_processes
+    offset = 0
+    for p, g in zip(run.params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
 
 
-def optimizer_step(run: Run) -> None:
-    """Average gradients over processes, clip the global norm (max_grad_norm), AdamW step, zero grad."""
+def optimizer_step(run: Run, window: Sequence[dict], **extra) -> None:
+    """One optimizer step over the microbatches of `window` (their diagnostics, 0-d tensors): average gradients
+    over processes, clip the global norm (max_grad_norm), check that loss, gradient norm and LoRA weights are
+    finite (contract §6), AdamW step, and log the step's diagnostics averaged over its microbatches and over
+    processes. The whole step reads the device once (`tolist`), not once per microbatch."""
     _sync_gradients(run)
-    torch.nn.utils.clip_grad_norm_(run.params, run.config.train.max_grad_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, run.config.train.max_grad_norm)
+    device = run.accelerator.device
+    keys = sorted({k for s in window for k in s})
+    zero = torch.zeros((), device=device)
+    means = [torch.stack([s.get(k, zero).to(device).double() for s in window]).mean() for k in keys]
+    params_ok = torch.stack([torch.isfinite(p).all() for p in run.params]).all().double()
+    values = torch.stack(means + [grad_norm.to(device).double(), params_ok])
+    if run.accelerator.num_processes > 1:
+        values = run.accelerator.reduce(values, reduction="mean")
+    numbers = values.tolist()  # the step's one host sync
+    record = dict(zip(keys, numbers[:len(keys)]))
+    grad_norm, params_ok = numbers[len(keys)], numbers[len(keys) + 1] == 1.0
+    run.global_step += 1
+    record["grad_norm"] = grad_norm
+    bad = [(name, value) for name, value in (("loss", record.get("loss")), ("gradient norm", grad_norm))
+           if value is not None and not math.isfinite(value)]
+    if not params_ok:
+        bad.append(("LoRA weights (after the previous step)", float("nan")))
+    if bad and run.config.nan_policy == "skip" and params_ok:
+        run.optimizer.zero_grad(set_to_none=True)
+        run.skipped_steps += 1
+        run.logger.log({**record, **extra, "skipped_step": 1}, run.global_step)
+        logger.warning("step %d: non-finite %s; step skipped (nan_policy=skip, %d skipped so far)",
+                       run.global_step, " and ".join(name for name, _ in bad), run.skipped_steps)
+        return
+    run.logger.log({**record, **extra}, run.global_step)
+    if bad:
+        raise DivergenceError(
+            f"training diverged at epoch {run.epoch + 1}, step {run.global_step}: non-finite "
+            f"{' and '.join(f'{name} ({value})' for name, value in bad)}; last good checkpoint: "
+            f"{run.last_checkpoint or 'none saved yet'}; lower train.learning_rate and resume from it, or pass "
+            "--config.nan_policy=skip to skip such steps")
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    run.global_step += 1
+    run.step_losses.append(record.get("loss", float("nan")))
 
 
-def log_step_means(run: Run, window: Sequence[dict], **extra) -> None:
-    """Log the means of the diagnostics accumulated over one optimizer step, averaged over processes."""
-    keys = sorted({k for s in window for k in s})
-    means = {k: float(np.mean([s.get(k, 0.0) for s in window])) for k in keys}
-    means = {k: mean_over_processes(run, v) for k, v in means.items()}
-    run.logger.log({**means, **extra}, run.global_step)
-
-
-def gathered_reward_means(run: Run, rewards: dict) -> dict:
+def reward_statistics(run: Run, rewards: dict) -> dict:
     """`reward_<key>`: the mean over every process of each training reward key (per-tag GenEval accuracies are
-    eval metrics, spec §7.7; GenEval's -10 filler rows are left out)."""
+    eval metrics, spec §7.7; GenEval's -10 filler rows are left out), and the contract's `reward_mean`,
+    `reward_std` (of the reward the advantages use, over every process) and `samples_this_epoch` (images
+    scored, every process)."""
     metrics = {}
     for key, value in rewards.items():
         if "_accuracy" not in key:
             every = run.accelerator.gather(value.to(run.accelerator.device))
             every = every[every != -10.0]
             metrics[f"reward_{key}"] = every.mean().item() if every.numel() else float("nan")
+            if key == "avg":
+                metrics["reward_mean"] = metrics["reward_avg"]
+                metrics["reward_std"] = every.double().std(unbiased=False).item() if every.numel() else float("nan")
+                metrics["samples_this_epoch"] = int(every.numel())
     metrics["reward_ori_avg"] = metrics["reward_avg"]
     return metrics
 
@@ -330,13 +446,15 @@ def rows_loss(run: Run, table: dict, anchors: dict, prompts: dict, idx: torch.Te
     config, device = run.config, run.accelerator.device
     noise_level, sigma_max = config.sample.noise_level, float(run.sigmas[1])
     get = lambda key: table[key][idx.to(table[key].device)]  # noqa: E731
-    x, t = get("latents"), get("timesteps")  # [U, C, h, w], [U]
-    sigma, sigma_next = step_sigmas(run.sigmas, t)  # [U] each
+    x, t, step = get("latents"), get("timesteps"), get("step")  # [U, C, h, w], [U], [U] step index
+    # σ by the stored step index, not by looking t up in the table: that lookup reads the device every call
+    sigma, sigma_next = run.sigmas[step], run.sigmas[step + 1]  # [U] each
     h = sigma - sigma_next
     rows = torch.arange(idx.shape[0], device=device)
 
-    def velocity_fn(samples):  # the policy's velocity for rows of these samples' prompts
-        return policy_velocity(run, prompts["prompt_embeds"][samples], prompts["pooled"][samples])
+    def velocity_fn(samples):  # the policy's velocity for rows of these samples' prompts (train.cfg: guided)
+        return policy_velocity(run, prompts["prompt_embeds"][samples], prompts["pooled"][samples],
+                               guided=config.train.cfg)
 
     v = velocity_fn(get("sample"))(x, t, rows)  # [U, C, h, w] with grad
     mean, tilde = sde_mean(v, x, sigma, sigma_next, noise_level, sigma_max)
@@ -357,21 +475,24 @@ def rows_loss(run: Run, table: dict, anchors: dict, prompts: dict, idx: torch.Te
                                       mean=mean, old_mean=old_mean)
     policy = (row_loss * w).sum() / count
     loss = policy
-    stats = {k: v.item() for k, v in diag.summary(m).items()}
-    stats["policy_loss"] = policy.item()
-    for step_t in torch.unique(t).tolist() if per_timestep_clipfrac else []:  # masked, per timestep (spec §7.7)
-        at = m * (t == step_t).to(m.dtype)
-        stats[f"clipfrac_timestep_{int(step_t)}"] = ((diag.clipped.to(m.dtype) * at).sum() / at.sum().clamp(min=1)).item()
+    # diagnostics stay on the device (0-d tensors): optimizer_step reads a whole step's worth at once
+    stats = {k: v.detach() for k, v in diag.summary(m).items()}
+    stats["policy_loss"] = policy.detach()
+    if per_timestep_clipfrac:  # masked, per trained timestep (spec §7.7); 0 where the microbatch has none
+        clipped = diag.clipped.to(m.dtype)
+        for name, step_t in trained_timesteps(run):
+            at = m * (t == step_t).to(m.dtype)
+            stats[f"clipfrac_timestep_{name}"] = ((clipped * at).sum() / at.sum().clamp(min=1)).detach()
     if config.train.beta > 0:
         heuristic = config.train.heuristic_kldenom_trick
         mean_ref = reference_mean(run, velocity_fn(get("sample")), x, t, rows, sigma,
                                    sigma_next)
         kl_sde = (sde_kl_rows(mean, mean_ref, h=h, sigma_tilde=tilde, heuristic=heuristic) * w).sum() / count
         kl_total = kl_sde
-        stats["kl_loss"] = kl_sde.item()
+        stats["kl_loss"] = kl_sde.detach()
         if anchors and anchor_idx.numel():
-            ax, at_ = anchors["latents"][anchor_idx], anchors["timesteps"][anchor_idx]
-            a_sigma, a_next = step_sigmas(run.sigmas, at_)
+            ax, at_, a_step = (anchors[key][anchor_idx] for key in ("latents", "timesteps", "step"))
+            a_sigma, a_next = run.sigmas[a_step], run.sigmas[a_step + 1]
             a_rows = torch.arange(anchor_idx.shape[0], device=device)
             a_vel = velocity_fn(anchors["sample"][anchor_idx])
             a_mean, a_tilde = sde_mean(a_vel(ax, at_, a_rows), ax, a_sigma, a_next, noise_level, sigma_max)
@@ -379,40 +500,94 @@ def rows_loss(run: Run, table: dict, anchors: dict, prompts: dict, idx: torch.Te
             kl_anchor = anchor_kl(a_mean, a_ref, h=a_sigma - a_next, sigma_tilde=a_tilde.reshape(-1),
                                   k_bar=mean_active_k(run.schedule), heuristic=heuristic)
             kl_total = kl_total + kl_anchor
-            stats["kl_anchor_loss"] = kl_anchor.item()
+            stats["kl_anchor_loss"] = kl_anchor.detach()
         loss = loss + config.train.beta * kl_total
-    stats["loss"] = loss.item()
+    stats["loss"] = loss.detach()
     return loss, stats
 
 
+def trained_timesteps(run: Run) -> list:
+    """[(int(t), t)] of the trained steps with branches: t = 1000·σ_j as the rows store it, on the device."""
+    if getattr(run, "_trained_timesteps", None) is None:
+        t = timesteps_from_sigmas(run.sigmas)  # the same arithmetic as the samplers' stored timesteps
+        active = [j for j, k in enumerate(run.schedule) if k > 0]
+        run._trained_timesteps = [(int(value), t[j]) for j, value in zip(active, t[active].tolist())]
+    return run._trained_timesteps
+
+
 def run_epochs(run: Run, train_one_epoch: Callable) -> Run:
-    """Epochs `run.epoch .. num_epochs-1`. `train_one_epoch(run, epoch)` samples, scores and updates and
-    returns its phase timings; `finish_epoch` then logs, evaluates and saves."""
+    """Epochs `run.epoch .. num_epochs-1`. `train_one_epoch(run, epoch)` samples, scores and updates (putting
+    what the epoch's record needs into `run.epoch_metrics`) and returns its phase timings; `finish_epoch`
+    then evaluates, saves and writes the epoch's record and console line."""
+    first_epoch = run.epoch
     while run.epoch < run.config.num_epochs:
         epoch, started = run.epoch, time.time()
-        run.updates_this_epoch = 0
+        run.updates_this_epoch, run.epoch_metrics, run.step_losses = 0, {}, []
         timings = train_one_epoch(run, epoch)
         finish_epoch(run, epoch, {"time_per_epoch": time.time() - started, **timings})
+    if run.accelerator.is_main_process:
+        logger.info("done: %d epochs (%d this start), %d optimizer steps, %d samples, %.0f s; run folder %s%s",
+                    run.epoch, run.epoch - first_epoch, run.global_step, run.samples, elapsed(run), run.run_dir,
+                    f"; last checkpoint {run.last_checkpoint}" if run.last_checkpoint else "")
+    run.logger.finish()
     return run
 
 
+def elapsed(run: Run) -> float:
+    """Seconds of training since the run first started (earlier starts included)."""
+    return run.elapsed_before + time.time() - run.started
+
+
 def finish_epoch(run: Run, epoch: int, timings: dict) -> None:
-    """End of epoch `epoch`: log its timings, memory and update count; evaluate and save when the trained
-    epoch count hits eval_freq / save_freq, and always after the last epoch (upstream never did, §7.10)."""
+    """End of epoch `epoch`: evaluate and save when the trained epoch count hits eval_freq / save_freq, and
+    always after the last epoch (upstream never did, §7.10), then write the epoch's one record (contract §4
+    keys beside the component's own) and its console line."""
     config = run.config
     run.epoch = epoch + 1
-    run.logger.log({"epoch": run.epoch, **timings, "optimizer_updates_this_epoch": run.updates_this_epoch,
-                    **peak_memory(run.accelerator.device)}, run.global_step)
+    metrics = run.epoch_metrics
+    run.samples += int(metrics.get("samples_this_epoch", 0))
+    record = {"epoch": run.epoch, "global_step": run.global_step, "samples": run.samples,
+              "reward_mean": metrics.get("reward_mean"), "reward_std": metrics.get("reward_std"),
+              "loss": float(np.mean(run.step_losses)) if run.step_losses else None,
+              **timings, "optimizer_updates_this_epoch": run.updates_this_epoch,
+              "skipped_steps": run.skipped_steps, **peak_memory(run.accelerator.device)}
+    record.update({k: v for k, v in metrics.items() if k not in record})
+    if not checkpoints.all_finite(run.params):
+        raise DivergenceError(f"training diverged in epoch {run.epoch}: the LoRA weights are non-finite after step "
+                              f"{run.global_step}; last good checkpoint: {run.last_checkpoint or 'none saved yet'}")
     last = run.epoch == config.num_epochs
     if last or run.epoch % config.eval_freq == 0:
         started = time.time()
-        metrics = evaluate(run, run.epoch)
-        run.logger.log({**metrics, "eval_time": time.time() - started, **peak_memory(run.accelerator.device, "eval_")},
-                       run.global_step)
+        evaluation = evaluate(run, run.epoch)
+        record.update({**evaluation, "eval_reward_mean": evaluation.get("eval_reward_avg"),
+                       "eval_time": time.time() - started, **peak_memory(run.accelerator.device, "eval_")})
+    record["elapsed_s"] = elapsed(run)
     if last or run.epoch % config.save_freq == 0:
-        path = save_checkpoint(run, run.epoch)
-        run.logger.log({"checkpoint_epoch": run.epoch, "checkpoint_global_step": run.global_step,
-                        "checkpoint_path": path}, run.global_step)
+        record.update({"checkpoint_epoch": run.epoch, "checkpoint_global_step": run.global_step})
+        record["checkpoint_path"] = save_checkpoint(run, run.epoch, metrics_lines=run.logger.lines + 1)
+    run.logger.log(record, run.global_step, kind="epoch")
+    if run.accelerator.is_main_process:
+        logger.info(console_line(record, config.num_epochs))
+
+
+def console_line(record: dict, num_epochs: int) -> str:
+    """`epoch 3/10  reward 0.1234 ± 0.0456  loss 0.0012  12.3 s  9.8 samples/s  eval 0.1300  saved <path>`"""
+    def number(value, spec):
+        return format(value, spec) if isinstance(value, (int, float)) and math.isfinite(value) else "nan"
+
+    parts = [f"epoch {record['epoch']}/{num_epochs}",
+             f"reward {number(record.get('reward_mean'), '.4f')} ± {number(record.get('reward_std'), '.4f')}",
+             f"loss {number(record.get('loss'), '.4g')}", f"{record['time_per_epoch']:.1f} s"]
+    samples = record.get("samples_this_epoch")
+    if samples:
+        parts.append(f"{samples / max(record['time_per_epoch'], 1e-9):.1f} samples/s")
+    if record.get("eval_reward_mean") is not None:
+        parts.append(f"eval {number(record['eval_reward_mean'], '.4f')}")
+    if record.get("skipped_steps"):
+        parts.append(f"skipped steps {record['skipped_steps']}")
+    if record.get("checkpoint_path"):
+        parts.append(f"saved {record['checkpoint_path']}")
+    return "  ".join(parts)
 
 
 def peak_memory(device, prefix: str = "") -> dict:
@@ -456,8 +631,10 @@ def evaluate(run: Run, epoch: int) -> dict:
         for start in range(0, len(mine), config.sample.test_batch_size):
             indices = mine[start:start + config.sample.test_batch_size]
             batch = collate(run.test_set, indices)
-            embeds = batch["prompt_embeds"].to(acc.device)
-            velocity = policy_velocity(run, embeds, batch["pooled_prompt_embeds"].to(acc.device))
+            embeds, pooled = batch["prompt_embeds"].to(acc.device), batch["pooled_prompt_embeds"].to(acc.device)
+            velocity = policy_velocity(run, embeds, pooled)
+            # the KL probe uses the training forward's guidance (train.cfg), as upstream's eval does
+            probe = velocity if config.train.cfg else policy_velocity(run, embeds, pooled, guided=False)
             visited = []  # (x_j, t_j, v_j) of every ODE step, for the KL probe
 
             def recording_velocity(x, t, rows):
@@ -469,7 +646,8 @@ def evaluate(run: Run, epoch: int) -> dict:
             x0 = initial_latents(len(indices), config.resolution, generator=gen, device=acc.device)
             final = sample_ode(recording_velocity, x0, sigmas)
             images = decode_latents(run.vae, final, chunk_size=config.get("latent_chunk_size"))
-            kl_sum, kl_count = _eval_kl_probe(run, velocity, visited, sigmas, kl_sum, kl_count)
+            kl_sum, kl_count = _eval_kl_probe(run, probe, visited, sigmas, kl_sum, kl_count,
+                                              recompute=not config.train.cfg)
             scores = submit_scores(None, run.eval_reward, images, batch["prompts"], batch["metadatas"]).result()
             for key, value in scores.items():
                 keep = value != -10.0  # upstream's filler for rows a GenEval tag does not apply to
@@ -489,15 +667,17 @@ def evaluate(run: Run, epoch: int) -> dict:
     return metrics
 
 
-def _eval_kl_probe(run: Run, velocity, visited, sigmas, kl_sum: float, kl_count: int):
+def _eval_kl_probe(run: Run, velocity, visited, sigmas, kl_sum: float, kl_count: int, recompute: bool = False):
     """KL(policy || reference) of one SDE step at the eval trajectory's states x_j for the trained steps j < T
     with a nonzero `run.eval_kl_weights[j]` (branch trainer: k_j > 0, weight k̄/k_j; default trainer: every j,
     weight 1), exact denominator σ̃²h of the eval schedule (spec §7.6 step 2; upstream's indices, which on a
-    40-step trajectory probe its first steps). Returns the running (sum over rows, row count)."""
+    40-step trajectory probe its first steps). `recompute`: the policy side is `velocity` at x_j rather than the
+    sampler's guided velocity (train.cfg=False). Returns the running (sum over rows, row count)."""
     for j, weight in enumerate(run.eval_kl_weights[:len(visited)]):
         if weight == 0:
             continue
         x, t, rows, v = visited[j]
+        v = velocity(x, t, rows) if recompute else v
         sigma, sigma_next = sigmas[j].expand(x.shape[0]), sigmas[j + 1].expand(x.shape[0])  # [b] each
         mean, tilde = sde_mean(v, x, sigma, sigma_next, run.config.sample.noise_level, float(sigmas[1]))
         mean_ref = reference_mean(run, velocity, x, t, rows, sigma, sigma_next, sigmas)
@@ -520,32 +700,41 @@ def save_lora(transformer, directory: str) -> None:
                                                transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
 
 
-def save_checkpoint(run: Run, epoch: int) -> str:
-    """`checkpoint-<epoch>/lora/` (`save_lora`, EMA weights when train.ema) and `training_state.pt` (live
-    LoRA, optimizer, EMA, RNG, counters): everything `load_checkpoint` needs."""
-    path = os.path.join(run.run_dir, "checkpoints", f"checkpoint-{epoch}")
+def save_checkpoint(run: Run, epoch: int, metrics_lines: int) -> str:
+    """`checkpoint-<epoch>/` (see checkpoints.py): the LoRA (EMA weights when train.ema) and the full training
+    state, written by the main process after every process checked the replicas agree. `metrics_lines`: the
+    records `metrics.jsonl` will hold once this epoch's record is written (a resume cuts the file back to it)."""
     _check_replicas_agree(run)
+    path = os.path.join(run.run_dir, run_folder.CHECKPOINTS_DIR, f"checkpoint-{epoch}")
     if run.accelerator.is_main_process:
-        os.makedirs(path, exist_ok=True)
-        if run.ema is not None:
-            run.ema.copy_ema_to(run.params, store_temp=True)
-        try:
-            save_lora(run.transformer, os.path.join(path, "lora"))
-        finally:
+        if run.ema is not None and not checkpoints.all_finite(run.ema.shadow):
+            raise DivergenceError(f"epoch {epoch}: the EMA weights are non-finite; not saving them (last good "
+                                  f"checkpoint: {run.last_checkpoint or 'none saved yet'})")
+
+        def write_lora(directory):
             if run.ema is not None:
-                run.ema.copy_temp_to(run.params)
+                run.ema.copy_ema_to(run.params, store_temp=True)
+            try:
+                save_lora(run.transformer, directory)
+            finally:
+                if run.ema is not None:
+                    run.ema.copy_temp_to(run.params)
+
         state = {
-            "epoch": epoch, "global_step": run.global_step,
+            "trainer": TRAINER_SCRIPTS[run.config.sample.sampling_mode],
+            "sampling_mode": run.config.sample.sampling_mode,
+            "config_json": json.dumps(run.config.to_dict()),
+            "epoch": epoch, "global_step": run.global_step, "samples": run.samples, "elapsed_s": elapsed(run),
+            "skipped_steps": run.skipped_steps, "metrics_lines": metrics_lines,
             "params": [p.detach().cpu().clone() for p in run.params],
             "optimizer": run.optimizer.state_dict(),
             "ema": run.ema.state_dict() if run.ema is not None else None,
             "sampler": run.sampler.state_dict(), "seen_prompts": sorted(run.seen_prompts),
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+            "rng": checkpoints.rng_state(),
         }
-        tmp = os.path.join(path, STATE_FILE + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, os.path.join(path, STATE_FILE))  # a half-written state never loads
+        path = checkpoints.save(run.run_dir, epoch, write_lora, state, run.config.num_checkpoint_limit)
     run.accelerator.wait_for_everyone()
+    run.last_checkpoint = path
     return path
 
 
@@ -554,19 +743,19 @@ def _check_replicas_agree(run: Run) -> None:
     if run.accelerator.num_processes == 1:
         return
     local = torch.stack([p.detach().double().sum() for p in run.params]).to(run.accelerator.device)  # [n]
-    spread = run.accelerator.reduce(local, reduction="sum") / run.accelerator.num_processes - local
-    if bool(spread.abs().max() > 0):
+    # gathered copies, compared exactly: a sum over 3+ ranks divided back rounds even for identical replicas
+    everyone = run.accelerator.gather(local[None])  # [processes, n]
+    if bool((everyone - everyone[:1]).abs().max() > 0):
         raise RuntimeError("LoRA weights differ between processes; gradients were not averaged identically")
 
 
-def load_checkpoint(run: Run, path: str) -> None:
-    """Restore everything `save_checkpoint` wrote; training continues with epoch `state["epoch"]`."""
-    state_path = os.path.join(path, STATE_FILE)
-    if not os.path.isfile(state_path):
-        raise FileNotFoundError(f"resume_from={path!r}: no {STATE_FILE} there (expected a checkpoint-<n> directory)")
-    state = torch.load(state_path, map_location="cpu", weights_only=False)
-    if len(state["params"]) != len(run.params):
-        raise ValueError(f"{state_path}: {len(state['params'])} LoRA tensors, this model has {len(run.params)}")
+def apply_checkpoint_state(run: Run, state: dict) -> None:
+    """Restore what `save_checkpoint` wrote (loaded by `checkpoints.load_state` before the models); training
+    continues with epoch `state["epoch"]`."""
+    if len(state["params"]) != len(run.params) or any(
+            saved.shape != p.shape for saved, p in zip(state["params"], run.params)):
+        raise config_check.ConfigError(f"resume_from={run.config.resume_from!r}: its LoRA tensors do not fit this "
+                                       f"model ({len(state['params'])} tensors, this model has {len(run.params)})")
     with torch.no_grad():
         for p, saved in zip(run.params, state["params"]):
             p.copy_(saved.to(p.device))
@@ -575,8 +764,9 @@ def load_checkpoint(run: Run, path: str) -> None:
         run.ema.load_state_dict(state["ema"])
     run.sampler.load_state_dict(state["sampler"])
     run.seen_prompts = set(state["seen_prompts"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    torch.set_rng_state(state["rng"]["torch"])
+    checkpoints.set_rng_state(state["rng"])
     run.epoch, run.global_step = int(state["epoch"]), int(state["global_step"])
-    logger.info("resumed from %s at epoch %d, step %d", path, run.epoch, run.global_step)
+    run.samples, run.elapsed_before = int(state["samples"]), float(state["elapsed_s"])
+    run.skipped_steps = int(state["skipped_steps"])
+    if run.accelerator.is_main_process:
+        logger.info("resumed at epoch %d, step %d", run.epoch, run.global_step)

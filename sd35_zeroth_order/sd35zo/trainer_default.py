@@ -28,9 +28,9 @@ from .advantages import gather_group_advantages, mean_group_size, mean_group_std
 from .prompt_samplers import EpochPromptSampler
 from .rewards import submit_scores
 from .sampling import decode_latents, initial_latents, sample_sde_trajectory
-from .trainer_common import (IMAGE_LOG_EVERY, Run, collate, count_inner_epoch_updates, ema_step,
-                             gathered_reward_means, log_step_means, optimizer_step, policy_velocity, rows_loss,
-                             run_epochs, seeded_generator, setup as setup_common)
+from .trainer_common import (IMAGE_LOG_EVERY, Run, collate, count_inner_epoch_updates, ema_step, optimizer_step,
+                             policy_velocity, progress, reward_statistics, rows_loss, run_epochs, seeded_generator,
+                             setup as setup_common)
 
 __all__ = ["setup", "train", "select_training_samples"]
 
@@ -66,7 +66,8 @@ def sample_epoch(run: Run, epoch: int) -> dict:
     pool = ThreadPoolExecutor(max_workers=1)
     run.transformer.eval()
     images = None
-    for b, indices in enumerate(run.sampler.epoch_batches(epoch)):
+    batches = run.sampler.epoch_batches(epoch)
+    for b, indices in progress(run, enumerate(batches), f"epoch {epoch + 1} sampling", total=len(batches)):
         batch = collate(run.train_set, indices)
         embeds = batch["prompt_embeds"].to(device)  # [B, S, D]
         pooled = batch["pooled_prompt_embeds"].to(device)  # [B, Dp]
@@ -104,10 +105,10 @@ def compute_advantages(run: Run, sampled: dict, epoch: int) -> tuple[torch.Tenso
     labels = sampled["prompts"] if per_prompt else ["batch"] * len(sampled["prompts"])
     gathered = gather_group_advantages(rewards["avg"], labels, adv_clip=float(config.train.adv_clip_max),
                                        global_std=config.sample.global_std and per_prompt)
-    metrics = {"epoch": epoch, "group_size": mean_group_size(gathered.all_labels),
+    metrics = {"group_size": mean_group_size(gathered.all_labels),
                "zero_std_ratio": zero_std_ratio(gathered.all_rewards, gathered.all_labels),
                "reward_std_mean": mean_group_std(gathered.all_rewards, gathered.all_labels),
-               "trained_prompt_num": len(run.seen_prompts), **gathered_reward_means(run, rewards)}
+               "trained_prompt_num": len(run.seen_prompts), **reward_statistics(run, rewards)}
     sampled["rewards"] = rewards
     return gathered.local, metrics, bool((gathered.all_advantages != 0).any())
 
@@ -142,6 +143,7 @@ def build_rows(sampled: dict) -> tuple[dict, dict]:
     samples, steps = sum(e.shape[0] for e in embeds), per_key["log_probs"][0].shape[1]
     table = {k: torch.cat(v).flatten(0, 1) for k, v in per_key.items()}  # [S·T, ...]
     table["sample"] = torch.arange(samples, device=table["latents"].device).repeat_interleave(steps)
+    table["step"] = torch.arange(steps, device=table["latents"].device).repeat(samples)  # row s·T + j: step j
     return table, {"prompt_embeds": torch.cat(embeds), "pooled": torch.cat(pooled)}
 
 
@@ -152,14 +154,14 @@ def update(run: Run, table: dict, prompts: dict, advantages: torch.Tensor, chose
     config, budget = run.config, run.budget
     steps, num_batches, accum = budget.train_steps, budget.rollouts_per_epoch, budget.gradient_accumulation
     adv = advantages.cpu()
-    run.logger.log({"epoch": epoch, "actual_batch_size": chosen.numel() // num_batches}, run.global_step)
+    run.epoch_metrics["actual_batch_size"] = chosen.numel() // num_batches
     run.transformer.train()
     no_anchor = torch.zeros(0, dtype=torch.long)
     for inner in range(config.train.num_inner_epochs):
         gen = seeded_generator(config.seed, run.accelerator.process_index, epoch, inner, 7)
         batches = chosen[torch.randperm(chosen.numel(), generator=gen)].reshape(num_batches, -1)  # [nb, b]
         steps_before, window, passes = run.global_step, [], 0
-        for batch in batches:
+        for batch in progress(run, batches, f"epoch {epoch + 1} training"):
             ones = torch.ones(batch.numel())
             for j in range(steps):
                 rows = batch * steps + j  # transition j of each sample in the batch
@@ -169,8 +171,7 @@ def update(run: Run, table: dict, prompts: dict, advantages: torch.Tensor, chose
                 window.append(stats)
                 passes += 1
                 if passes % accum == 0:
-                    optimizer_step(run)
-                    log_step_means(run, window, epoch=epoch, inner_epoch=inner)
+                    optimizer_step(run, window, epoch=epoch, inner_epoch=inner)
                     window = []
             ema_step(run)  # after each training batch, as upstream (spec §7.3), unless train.ema_once_per_step
         count_inner_epoch_updates(run, steps_before)
@@ -184,7 +185,7 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
     sampled = sample_epoch(run, epoch)                                           # sample + score
     sample_time = time.time() - started - sampled["reward_wait_time"]
     advantages, adv_metrics, learnable = compute_advantages(run, sampled, epoch)  # advantages
-    run.logger.log(adv_metrics, run.global_step)
+    run.epoch_metrics.update(adv_metrics)
     if epoch % IMAGE_LOG_EVERY == 0:
         count = sampled["last_images"].shape[0]  # the last rollout's images (spec §7.7)
         run.logger.log_images(sampled["last_images"], sampled["prompts"][-count:],

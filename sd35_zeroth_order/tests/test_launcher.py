@@ -110,7 +110,7 @@ def test_every_option_reaches_the_command_with_quoting_intact():
     (["--sampler", "default", "--reward", "geneval"], "config error: sample.num_batches_per_epoch=9"),
     (["--profile", "lowsnr2", "--sampler", "branch"], "config error: train.updates_per_epoch=2 must divide the 9 microbatches"),
     (["--profile", "nosuch"], "config error: profile='nosuch' in config id"),
-    (["--", "--config.train.nokey=1"], "config error: no config key 'nokey'"),
+    (["--", "--config.train.nokey=1"], "config error: no config key train.nokey"),
 ])
 def test_configs_that_cannot_run_stop_the_launcher_with_one_line(args, first_words):
     result = run_sd3("--dry-run", *args)
@@ -133,15 +133,37 @@ def test_launcher_sets_no_cluster_specific_network_settings_and_documents_them()
 
 
 def test_tiny_dry_run_targets_the_tiny_config_on_one_cpu_process():
+    """One process runs the trainer script directly (no launcher in between: its one-line errors stay one
+    line); the GenEval reward gets the kit's server, whose address the launcher passes on when it runs."""
     rsm_testkit = pytest.importorskip("rsm_testkit")
     result = run_sd3(*PAPER_FLAGS, "--tiny", "--dry-run")
     assert result.returncode == 0, result.stderr
-    command = _command(result)
-    assert command[:9] == ["accelerate", "launch", "--num_machines", "1", "--num_processes", "1",
-                           "--main_process_port", "29700", "--cpu"]
-    assert command[9:] == ["scripts/train_sd3_pr.py", "--config", f"config/sd3_matrix.py:tiny:{PAPER_ID}",
-                           f"--config.pretrained.model={rsm_testkit.get_tiny_model('sd35')}"]
+    assert _command(result) == ["env", "ACCELERATE_USE_CPU=true", sys.executable, "scripts/train_sd3_pr.py",
+                                "--config", f"config/sd3_matrix.py:tiny:{PAPER_ID}",
+                                f"--config.pretrained.model={rsm_testkit.get_tiny_model('sd35')}"]
     assert "budget: world_size=1 rollouts_per_epoch=2 images_per_rollout=2" in result.stdout
+    server = next(line for line in result.stdout.splitlines() if line.startswith("tiny geneval server"))
+    assert server.endswith(f"{sys.executable} -m rsm_testkit.services geneval --port 0")
+    assert "--config.reward_options.geneval.url" in server
+
+
+@pytest.mark.parametrize("reward", ["deqa", "qwenvl", "unifiedreward"])
+def test_tiny_runs_of_served_rewards_get_the_kits_server(reward):
+    result = run_sd3("--tiny", "--reward", reward, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert f"-m rsm_testkit.services {reward} --port 0" in result.stdout
+    given = run_sd3("--tiny", "--reward", reward, "--dry-run", "--", f"--config.reward_options.{reward}.url=http://h:1")
+    assert "rsm_testkit.services" not in given.stdout  # a URL given: nothing is started
+
+
+def test_relative_output_dir_and_model_are_relative_to_where_the_user_is(tmp_path):
+    (tmp_path / "models" / "sd35").mkdir(parents=True)
+    result = run_sd3("--dry-run", "--output-dir", "runs/mine", "--model", "models/sd35", cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    command = _command(result)
+    assert f"--config.save_dir={tmp_path / 'runs' / 'mine'}" in command
+    assert f"--config.pretrained.model={tmp_path / 'models' / 'sd35'}" in command
+    assert "--config.pretrained.model=org/model" in _command(run_sd3("--dry-run", "--model", "org/model"))
 
 
 def test_run_all_sweeps_sampler_loss_reweight_in_order_and_passes_arguments():
@@ -185,9 +207,9 @@ def test_cpu_runs_on_several_processes_dry_run_torchrun_with_gloo():
     assert cpu == ["env", "ACCELERATE_USE_CPU=true", "/opt/bin/torchrun", "--nnodes", "1", "--nproc_per_node", "3",
                    "--master_port", "31000", "scripts/train_sd3.py", "--config",
                    "config/sd3_matrix.py:sd3.base.default.pickscore.ppo.base"]
-    # one CPU process keeps accelerate launch --cpu; GPU runs keep accelerate launch whatever N is
-    assert _command(run_sd3("--cpu", "--num-processes", "1", "--dry-run"))[:9] == [
-        "accelerate", "launch", "--num_machines", "1", "--num_processes", "1", "--main_process_port", "29502", "--cpu"]
+    # one CPU process runs the script itself; GPU runs on N > 1 keep accelerate launch
+    assert _command(run_sd3("--cpu", "--num-processes", "1", "--dry-run"))[:4] == [
+        "env", "ACCELERATE_USE_CPU=true", sys.executable, "scripts/train_sd3.py"]
     gpu = _command(run_sd3("--num-processes", "3", "--dry-run", TORCHRUN="/opt/bin/torchrun"))
     assert gpu[:6] == ["accelerate", "launch", "--num_machines", "1", "--num_processes", "3"] and "--cpu" not in gpu
 

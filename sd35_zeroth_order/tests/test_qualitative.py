@@ -17,8 +17,8 @@ COMPONENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(COMPONENT, "scripts", "qualitative_results.py")
 sys.path.insert(0, COMPONENT)
 
-from sd35zo.qualitative import (QualitativeError, image_file_name, grid_file_name, prompt_slug,  # noqa: E402
-                                resolve_checkpoint)
+from sd35zo.qualitative import (GRID_LABEL_LEFT, GRID_LABEL_TOP, QualitativeError, grid_file_name,  # noqa: E402
+                                image_file_name, prompt_slug, resolve_checkpoint)
 
 PROMPT = "a photo of a red cat/dog"  # the '/' must not become a path separator
 FILE_PROMPT = "a photo of a blue bench"
@@ -135,9 +135,14 @@ def test_writes_every_image_a_grid_per_prompt_the_config_and_the_prompts(first_r
             for seed in SEEDS:
                 assert _image(first_run, prompt, seed, epoch).shape == (SIZE, SIZE, 3)
         grid = _pixels(os.path.join(first_run, grid_file_name(prompt_slug(prompt))))
-        assert grid.shape == (4 * SIZE, len(SEEDS) * SIZE, 3)  # rows = epochs, columns = seeds
+        top, left = GRID_LABEL_TOP, GRID_LABEL_LEFT  # label bands: seeds across the top, epochs down the left
+        assert grid.shape == (top + 4 * SIZE, left + len(SEEDS) * SIZE, 3)  # rows = epochs, columns = seeds
         # row 1 (epoch 1), column 1 (seed 43) is that image
-        np.testing.assert_array_equal(grid[SIZE:2 * SIZE, SIZE:], _image(first_run, prompt, SEEDS[1], 1))
+        np.testing.assert_array_equal(grid[top + SIZE:top + 2 * SIZE, left + SIZE:], _image(first_run, prompt, SEEDS[1], 1))
+        for r in range(4):  # every row and column has its label drawn (dark pixels in its band)
+            assert (grid[top + r * SIZE:top + (r + 1) * SIZE, :left] < 128).any(), f"row {r} unlabelled"
+        for c in range(len(SEEDS)):
+            assert (grid[:top, left + c * SIZE:left + (c + 1) * SIZE] < 128).any(), f"column {c} unlabelled"
     config = json.load(open(os.path.join(first_run, "run_config.json")))
     assert config["seeds"] == SEEDS and config["num_inference_steps"] == STEPS and config["resolved_dtype"] == "fp32"
     assert [c["layout"] for c in config["checkpoints"]] == ["base", "diffusers", "peft", "peft"]
@@ -203,3 +208,36 @@ def test_prompt_slug_is_path_safe_bounded_and_distinct():
     assert all(len(s) <= 100 for s in slugs)
     assert len(set(slugs)) == len(slugs)
     assert prompt_slug("A photo of a cat") == prompt_slug("A photo of a cat")
+
+
+def _args(**overrides):
+    """The script's parsed flags with these values (others at their defaults)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("qualitative_results_parser", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    argv = ["--checkpoint-epochs", "0", "--prompt", PROMPT]
+    for key, value in overrides.items():
+        argv += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    return script.build_parser().parse_args(argv)
+
+
+def test_the_base_model_is_the_runs_own_from_its_config_json(model, tmp_path):
+    """A run trained on another base model (here the tiny one) is rendered on it without naming it again."""
+    from sd35zo.qualitative import plan
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"pretrained": {"model": model}}))
+    args = _args(checkpoint_root=run / "checkpoints", height=SIZE, width=SIZE, output_dir=tmp_path / "out")
+    plan(args)  # reads the model's configs: the tiny model's, found through the run's config.json
+    assert args.pretrained_model == model and args.images_per_prompt == 8
+
+
+def test_tiny_renders_on_the_tiny_model_at_64_px_with_two_seeds(model, tmp_path):
+    from sd35zo.qualitative import plan
+
+    args = _args(tiny=True, output_dir=tmp_path / "out")
+    p = plan(args)
+    assert args.pretrained_model == model and (args.height, args.width) == (64, 64) and p.seeds == [42, 43]

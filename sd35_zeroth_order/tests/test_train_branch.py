@@ -40,33 +40,86 @@ def _metrics(run_dir):
 
 
 @pytest.fixture(scope="module")
-def full_run(tiny_prompt_embeddings, tmp_path_factory):
-    """The uninterrupted 2-epoch paper run on the tiny kit."""
+def full_run(tmp_path_factory):
+    """The uninterrupted 2-epoch paper run on the tiny kit, exactly as a user types it on a fresh clone: no
+    prompt files or embeddings given (--tiny brings its own); returns the run folder and the console text."""
     save = tmp_path_factory.mktemp("runs")
-    _launch([*tiny_prompt_embeddings, f"--config.save_dir={save}", "--config.run_name=full", "--config.num_epochs=2"])
-    return save / "full"
+    done = _launch([f"--config.save_dir={save}", "--config.run_name=full", "--config.num_epochs=2"])
+    return save / "full", done.stdout + done.stderr
+
+
+def _strict_records(path):
+    """metrics.jsonl parsed as strict JSON: a bare NaN or Infinity fails the test."""
+    def refuse(constant):
+        raise AssertionError(f"{path}: non-standard JSON constant {constant}")
+
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+CONTRACT_EPOCH_KEYS = {"epoch", "global_step", "samples", "reward_mean", "reward_std", "time_per_epoch",
+                       "elapsed_s", "peak_memory_mib", "eval_reward_mean"}
 
 
 def test_paper_command_tiny_trains_two_epochs_with_exact_update_counts(full_run):
-    rows = _metrics(full_run)
-    updates = [r for r in rows if "policy_loss" in r]
+    run_dir, _ = full_run
+    rows = _metrics(run_dir)
+    updates = [r for r in rows if r["kind"] == "step"]
     # 120 rows per epoch -> 4 microbatches of U = 4 x 9 rows, accumulated 2 per step: 2 steps per epoch.
     assert [r["step"] for r in updates] == [1, 2, 3, 4]
     assert [r["epoch"] for r in updates] == [1, 1, 2, 2]
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in updates)
-    layout = [r for r in rows if "actual_microbatches_per_epoch" in r]
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["grad_norm"]])).all() for r in updates)
+    epochs = [r for r in rows if r["kind"] == "epoch"]
     assert [(r["actual_transition_rows"], r["actual_microbatches_per_epoch"], r["padded_policy_units"])
-            for r in layout] == [(120, 4, 24)] * 2
+            for r in epochs] == [(120, 4, 24)] * 2
     # seed|t groups of the lowsnr2 schedule 6, 6, 8, 10: mean group size 7.5
-    assert [r["group_size"] for r in rows if "group_size" in r] == [7.5, 7.5]
-    assert [r["eval_epoch"] for r in rows if "eval_epoch" in r] == [1, 2]
-    assert all("eval_reward_avg" in r for r in rows if "eval_epoch" in r)
-    # EMA weights at eval equal the LoRA init (no EMA update before step 7), whose adapter is a no-op: KL = 0
-    assert [r["eval_kl_divergence"] for r in rows if "eval_epoch" in r] == [0.0, 0.0]
-    assert [r["optimizer_updates_this_epoch"] for r in rows if "optimizer_updates_this_epoch" in r] == [2, 2]
-    # the live LoRA moved away from its initialisation (B = 0 at init)
-    state = torch.load(full_run / "checkpoints" / "checkpoint-2" / "training_state.pt", weights_only=False)
+    assert [r["group_size"] for r in epochs] == [7.5, 7.5]
+    assert [r["eval_epoch"] for r in epochs] == [1, 2]
+    assert [r["optimizer_updates_this_epoch"] for r in epochs] == [2, 2]
+    # the EMA moves every step on the tiny kit (train.ema_update_interval=1): eval sees a policy off the reference
+    assert all(0.0 < r["eval_kl_divergence"] < 1e-3 for r in epochs)
+    # the live LoRA moved away from its initialisation (B = 0 at init); the state loads without unpickling code
+    state = torch.load(run_dir / "checkpoints" / "checkpoint-2" / "training_state.pt", weights_only=True)
     assert max(p.abs().max().item() for p in state["params"] if p.dim() == 2 and p.shape[1] == 32) > 0
+
+
+def test_saved_lora_is_trained_so_checkpoints_differ_from_the_base_model(full_run):
+    """Contract §1: the tiny budget moves the EMA the checkpoints are saved from (with upstream's cadence of
+    8 steps a 4-step tiny run saved lora_B = 0, and qualitative grids of every epoch were identical)."""
+    from safetensors.torch import load_file
+
+    run_dir, _ = full_run
+    saved = [load_file(str(run_dir / "checkpoints" / f"checkpoint-{n}" / "lora" / "pytorch_lora_weights.safetensors"))
+             for n in (1, 2)]
+    for lora in saved:
+        assert max(v.abs().max().item() for k, v in lora.items() if "lora_B" in k) > 0
+    assert any(not torch.equal(saved[0][k], saved[1][k]) for k in saved[0])  # epoch 2 differs from epoch 1
+
+
+def test_run_writes_config_run_json_and_strict_per_epoch_records(full_run):
+    run_dir, _ = full_run
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["config_id"] == f"tiny:{TINY_ID}" and config["train"]["loss_type"] == "matching"
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["component"] == "sd35_zeroth_order" and run["config_id"] == f"tiny:{TINY_ID}"
+    assert run["world_size"] == 1 and run["device"].startswith("cpu") and run["versions"]["torch"]
+    assert len(run["starts"]) == 1 and "scripts/train_sd3_pr.py" in run["starts"][0]["command"]
+    rows = _strict_records(run_dir / "metrics.jsonl")
+    epochs = [r for r in rows if r["kind"] == "epoch"]
+    assert len(epochs) == 2 and all(CONTRACT_EPOCH_KEYS <= set(r) for r in epochs)
+    # samples: images scored, cumulative (2 rollouts x 2 noises x 30 branch rows an epoch)
+    assert [r["samples"] for r in epochs] == [120, 240]
+    assert epochs[0]["elapsed_s"] < epochs[1]["elapsed_s"]
+    assert all(r["reward_mean"] == r["reward_avg"] and r["reward_std"] > 0 for r in epochs)
+    assert [r["checkpoint_path"] for r in epochs] == [str(run_dir / "checkpoints" / f"checkpoint-{n}") for n in (1, 2)]
+
+
+def test_console_names_the_run_folder_each_epoch_each_checkpoint_and_a_summary(full_run):
+    run_dir, console = full_run
+    assert f"run folder: {run_dir} (new run)" in console
+    for n in (1, 2):
+        line = next(line for line in console.splitlines() if f"epoch {n}/2  reward " in line)
+        assert "samples/s" in line and f"saved {run_dir / 'checkpoints' / f'checkpoint-{n}'}" in line
+    assert "done: 2 epochs" in console
 
 
 def test_checkpoint_lora_loads_with_diffusers_pipeline(full_run):
@@ -74,7 +127,7 @@ def test_checkpoint_lora_loads_with_diffusers_pipeline(full_run):
     from rsm_testkit import get_tiny_model
     from safetensors.torch import load_file
 
-    lora_dir = full_run / "checkpoints" / "checkpoint-2" / "lora"
+    lora_dir = full_run[0] / "checkpoints" / "checkpoint-2" / "lora"
     saved = load_file(str(lora_dir / "pytorch_lora_weights.safetensors"))
     assert saved and all(key.startswith("transformer.") for key in saved)
     assert not any(".attn2." in key for key in saved)  # SD3.5's extra self-attention is not adapted
@@ -91,25 +144,48 @@ def test_checkpoint_lora_loads_with_diffusers_pipeline(full_run):
     assert len(match) == 1 and torch.equal(match[0].detach().cpu(), saved[key])
 
 
-def test_resume_from_checkpoint_reproduces_uninterrupted_epoch(full_run, tiny_prompt_embeddings):
-    save = full_run.parent
-    _launch([*tiny_prompt_embeddings, f"--config.save_dir={save}", "--config.run_name=resumed", "--config.num_epochs=2",
-             f"--config.resume_from={full_run / 'checkpoints' / 'checkpoint-1'}"])
-    def measured(key):  # wall-clock times, memory and paths differ between any two runs
-        return "time" in key or "peak_memory" in key or key == "checkpoint_path"
+def _unmeasured(rows):
+    """Records without what differs between any two runs: wall-clock times, memory, paths."""
+    def measured(key):
+        return "time" in key or "peak_memory" in key or key in ("checkpoint_path", "elapsed_s")
 
-    def epoch_two(rows):
-        first = next(i for i, r in enumerate(rows) if r.get("checkpoint_epoch") == 1) + 1 if any(
-            r.get("checkpoint_epoch") == 1 for r in rows) else 0
-        return [{k: v for k, v in r.items() if not measured(k)} for r in rows[first:]]
+    return [{k: v for k, v in r.items() if not measured(k)} for r in rows]
 
-    resumed, full = epoch_two(_metrics(save / "resumed")), epoch_two(_metrics(full_run))
-    assert len(resumed) == len(full) and resumed == full
-    a = torch.load(full_run / "checkpoints" / "checkpoint-2" / "training_state.pt", weights_only=False)
-    b = torch.load(save / "resumed" / "checkpoints" / "checkpoint-2" / "training_state.pt", weights_only=False)
+
+def test_resume_into_a_new_folder_reproduces_the_uninterrupted_run(full_run):
+    """A fork: resume checkpoint-1 under another run_name. The new folder starts with the source's history up
+    to that checkpoint and ends equal to the uninterrupted run, weights and all; the source is untouched."""
+    run_dir, _ = full_run
+    before = (run_dir / "metrics.jsonl").read_text()
+    _launch([f"--config.save_dir={run_dir.parent}", "--config.run_name=resumed", "--config.num_epochs=2",
+             f"--config.resume_from={run_dir / 'checkpoints' / 'checkpoint-1'}"])
+    resumed = run_dir.parent / "resumed"
+    assert _unmeasured(_metrics(resumed)) == _unmeasured(_metrics(run_dir))
+    assert (run_dir / "metrics.jsonl").read_text() == before
+    a = torch.load(run_dir / "checkpoints" / "checkpoint-2" / "training_state.pt", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "checkpoint-2" / "training_state.pt", weights_only=True)
     assert a["global_step"] == b["global_step"] == 4
     assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))
     assert a["sampler"] == b["sampler"]
+    assert len(json.loads((resumed / "run.json").read_text())["starts"]) == 1
+
+
+def test_killed_run_resumes_in_its_own_folder_without_duplicate_records(full_run, tmp_path):
+    """A run killed during epoch 2 (checkpoint-1 saved, epoch-2 records partly written): resuming with only
+    resume_from continues in the checkpoint's own folder, cuts metrics.jsonl back to checkpoint-1 and ends
+    with the uninterrupted run's records, each once."""
+    import shutil
+
+    run_dir, _ = full_run
+    killed = tmp_path / "killed"
+    shutil.copytree(run_dir, killed)
+    shutil.rmtree(killed / "checkpoints" / "checkpoint-2")
+    lines = (killed / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (killed / "metrics.jsonl").write_text("".join(lines[:-1]) + lines[-1][:20])  # epoch-2 steps + a torn line
+    _launch([f"--config.resume_from={killed / 'checkpoints' / 'checkpoint-1'}", "--config.num_epochs=2"])
+    assert _unmeasured(_metrics(killed)) == _unmeasured(_metrics(run_dir))
+    assert not any(p.name != "killed" for p in tmp_path.iterdir())  # no second run folder was made
+    assert len(json.loads((killed / "run.json").read_text())["starts"]) == 2
 
 
 def test_two_process_gloo_run_averages_gradients_and_saves_once(tiny_prompt_embeddings, tmp_path):
@@ -135,52 +211,32 @@ def test_two_process_gloo_run_averages_gradients_and_saves_once(tiny_prompt_embe
     assert (tmp_path / "two" / "checkpoints" / "checkpoint-1" / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
-GENEVAL_TRAIN = [
-    {"tag": "counting", "include": [{"class": "dog", "count": 2}], "prompt": "a photo of two dogs"},
-    {"tag": "single_object", "include": [{"class": "cat", "count": 1}], "prompt": "a photo of a cat"},
-    {"tag": "two_object", "include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1}],
-     "prompt": "a photo of a dog and a cat"},
-]
-
-
-def test_geneval_reward_through_a_loopback_server(tmp_path):
-    """The paper's reward end to end: GenEval prompts with metadata, the client posting the branch images
-    to a local server running the tiny detector, strict scores for training and accuracies at eval."""
-    from diffusers import StableDiffusion3Pipeline
-    from rsm_testkit import get_tiny_model
-    from shared_rewards.geneval.client import start_server
-
-    from sd35zo.embeddings import precompute_split
-
-    prompts = tmp_path / "geneval.jsonl"
-    prompts.write_text("".join(json.dumps(item) + "\n" for item in GENEVAL_TRAIN))
-    pipe = StableDiffusion3Pipeline.from_pretrained(get_tiny_model("sd35"), transformer=None, vae=None)
-    for split in ("train", "test"):
-        precompute_split(pipe, str(prompts), str(tmp_path), split, batch_size=8, dtype=torch.float32)
-    geneval_data = [f"--config.train_hdf5_path={tmp_path / 'train_embeddings.h5'}", f"--config.train_prompt_file_path={prompts}",
-            f"--config.test_hdf5_path={tmp_path / 'test_embeddings.h5'}", f"--config.test_prompt_file_path={prompts}"]
-    with start_server(port=0, device="cpu", detector=str(get_tiny_model("mask2former_coco_dog_cat")),
-                      clip=str(get_tiny_model("clip_vit_l14"))) as server:
-        command = [PYTHON, "scripts/train_sd3_pr.py", "--config",
-                   "config/sd3_matrix.py:tiny:sd3.lowsnr2.branch.geneval.matching.fairclip2", *geneval_data,
-                   f"--config.reward_options.geneval.url={server.url}", f"--config.save_dir={tmp_path}",
-                   "--config.run_name=geneval", "--config.num_epochs=1"]
-        done = subprocess.run(command, cwd=COMPONENT, env=_env(), capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, done.stderr[-5000:]
+def test_geneval_paper_command_runs_with_tiny_against_a_server_the_launcher_starts(tmp_path):
+    """The paper's reward end to end with --tiny and nothing else: the launcher starts a GenEval server with the
+    tiny detector beside the run, the client posts the branch images (strict scores for training), eval reports
+    the benchmark accuracies, and the server is gone when the launcher exits."""
+    command = ["bash", "scripts/single_node/run_sd3.sh", "--tiny", "--profile", "lowsnr2", "--sampler", "branch",
+               "--reward", "geneval", "--loss", "matching", "--reweight", "fairclip2", "--",
+               f"--config.save_dir={tmp_path}", "--config.run_name=geneval", "--config.num_epochs=1"]
+    done = subprocess.run(command, cwd=COMPONENT, env=_env(), capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    server = next(line for line in done.stdout.splitlines() if line.startswith("tiny geneval server: "))
+    pid = int(server.split("(pid ")[1].split(",")[0])
     rows = _metrics(tmp_path / "geneval")
-    rewards = next(r for r in rows if "reward_avg" in r)
+    epoch = next(r for r in rows if r["kind"] == "epoch")
     # partial credit (may be negative, as upstream's count term); pickscore has weight 0 and is still logged
-    assert math.isfinite(rewards["reward_geneval"]) and math.isfinite(rewards["reward_pickscore"])
-    assert rewards["reward_avg"] == rewards["reward_geneval"]
-    assert [r["step"] for r in rows if "policy_loss" in r] == [1, 2]
-    evaluation = next(r for r in rows if "eval_epoch" in r)
-    assert 0.0 <= evaluation["eval_reward_geneval/accuracy"] <= 1.0  # benchmark accuracy, only_strict=False
-    assert 0.0 <= evaluation["eval_reward_geneval/strict_accuracy"] <= 1.0
+    assert math.isfinite(epoch["reward_geneval"]) and math.isfinite(epoch["reward_pickscore"])
+    assert epoch["reward_avg"] == epoch["reward_geneval"]
+    assert [r["step"] for r in rows if r["kind"] == "step"] == [1, 2]
+    assert 0.0 <= epoch["eval_reward_geneval/accuracy"] <= 1.0  # benchmark accuracy, only_strict=False
+    assert 0.0 <= epoch["eval_reward_geneval/strict_accuracy"] <= 1.0
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # the tiny server was stopped with the launcher
 
 
 # ------------------------------------------------------------------------------- in-process pieces of the loop
 
-def _tiny_run(loss_type="matching", reweight="fair_clip2", beta=0.0):
+def _tiny_run(loss_type="matching", reweight="fair_clip2", beta=0.0, cfg=True):
     """Just enough of a `Run` for `rows_loss`: the tiny SD3 transformer with a fresh LoRA, 10 steps."""
     import contextlib
     from types import SimpleNamespace
@@ -201,7 +257,7 @@ def _tiny_run(loss_type="matching", reweight="fair_clip2", beta=0.0):
     config = SimpleNamespace(
         sample=SimpleNamespace(noise_level=0.7, guidance_scale=4.5),
         train=SimpleNamespace(loss_type=loss_type, reweight_type=reweight, clip_range=1e-4, beta=beta,
-                              heuristic_kldenom_trick=False))
+                              heuristic_kldenom_trick=False, cfg=cfg))
     dims = transformer.config
     negative = (torch.zeros(1, 6, dims.joint_attention_dim), torch.zeros(1, dims.pooled_projection_dim))
     return SimpleNamespace(config=config, transformer=transformer, params=params, negative=negative,
@@ -218,7 +274,7 @@ def _rows(run, n, seed):
     table = {"latents": torch.randn(n, channels, side, side, generator=gen), "timesteps": timesteps,
              "v_old": torch.randn(n, channels, side, side, generator=gen),
              "noises": torch.randn(n, channels, side, side, generator=gen),
-             "k": torch.tensor([6.0, 6.0, 8.0, 10.0])[steps], "sample": torch.arange(n) % 2}
+             "k": torch.tensor([6.0, 6.0, 8.0, 10.0])[steps], "sample": torch.arange(n) % 2, "step": steps}
     prompts = {"prompt_embeds": torch.randn(2, 6, dims.joint_attention_dim, generator=gen),
                "pooled": torch.randn(2, dims.pooled_projection_dim, generator=gen)}
     return table, prompts
@@ -311,3 +367,32 @@ def test_every_objective_gives_a_finite_loss_and_gradient_off_policy(loss_type, 
 
     lora_layers = [m for m in run.transformer.modules() if isinstance(m, BaseTunerLayer)]
     assert lora_layers and not any(m.disable_adapters for m in lora_layers)  # adapter back on after μ_ref
+
+
+@pytest.mark.parametrize("cfg", [True, False])
+def test_train_cfg_chooses_the_training_forward_guided_or_conditional_only(cfg):
+    """train.cfg (upstream's flag, True in every paper config) is honoured: with v_old set to the velocity the
+    flag selects, the matching loss is on-policy (approx_kl exactly 0); the other velocity is off-policy."""
+    from sd35zo.sampling import make_cfg_velocity
+    from sd35zo.sampling_branch import exploration_weights
+    from sd35zo.trainer_common import rows_loss
+
+    run = _tiny_run(cfg=cfg)
+    table, prompts = _rows(run, 4, seed=6)
+    samples = table["sample"]
+
+    def velocity(scale):
+        v = make_cfg_velocity(run.transformer, prompts["prompt_embeds"][samples], prompts["pooled"][samples],
+                              run.negative[0], run.negative[1], scale)
+        with torch.no_grad():
+            return v(table["latents"], table["timesteps"], torch.arange(4)).float()
+
+    kl = {}
+    for name, scale in (("guided", 4.5), ("conditional", 1.0)):
+        table["v_old"] = velocity(scale)
+        _, stats = rows_loss(run, table, {}, prompts, torch.arange(4), torch.zeros(0, dtype=torch.long),
+                             torch.tensor([1.0, -1.0, 0.5, -0.5]), torch.ones(4, dtype=torch.bool),
+                             exploration_weights(table["k"], run.schedule))
+        kl[name] = stats["approx_kl"].item()
+    on, off = ("guided", "conditional") if cfg else ("conditional", "guided")
+    assert kl[on] == 0.0 and kl[off] > 0

@@ -33,50 +33,75 @@ def _metrics(run_dir):
 
 
 @pytest.fixture(scope="module")
-def baseline_run(tiny_prompt_embeddings, tmp_path_factory):
-    """Flow-GRPO's command on the tiny kit, 2 epochs, with the KL term on so the reference pass runs."""
+def baseline_run(tmp_path_factory):
+    """Flow-GRPO's command on the tiny kit (its own prompts), 2 epochs, with the KL term on so the reference
+    pass runs."""
     save = tmp_path_factory.mktemp("runs")
-    _launch("ppo", "base", [*tiny_prompt_embeddings, f"--config.save_dir={save}", "--config.run_name=full", "--config.train.beta=0.01"])
+    _launch("ppo", "base", [f"--config.save_dir={save}", "--config.run_name=full", "--config.train.beta=0.01"])
     return save / "full"
 
 
 def test_baseline_command_trains_evaluates_and_checkpoints_each_epoch(baseline_run):
     rows = _metrics(baseline_run)
-    updates = [r for r in rows if "policy_loss" in r]
+    updates = [r for r in rows if r["kind"] == "step"]
     # tiny budget: 4 rollouts of 1 image per epoch, 9 trained steps -> 36 passes, 18 per optimizer step
     assert [r["step"] for r in updates] == [1, 2, 3, 4]
     assert [r["epoch"] for r in updates] == [0, 0, 1, 1]
     assert all(torch.isfinite(torch.tensor([r["loss"], r["kl_loss"]])).all() for r in updates)
     assert not any(k.startswith("clipfrac_timestep_") for r in updates for k in r)  # a branch-trainer metric
-    assert [r["group_size"] for r in rows if "group_size" in r] == [2.0, 2.0]  # 2 images per prompt
-    epochs = [r for r in rows if "time_per_epoch" in r]
+    epochs = [r for r in rows if r["kind"] == "epoch"]
+    assert [r["group_size"] for r in epochs] == [2.0, 2.0]  # 2 images per prompt
     assert [(r["epoch"], r["optimizer_updates_this_epoch"], r["skipped_update"]) for r in epochs] == [(1, 2, 0), (2, 2, 0)]
     assert all(r["sample_time_per_epoch"] > 0 and r["train_time_per_epoch"] > 0 and r["peak_memory_mib"] > 0
                for r in epochs)
-    assert [r["eval_epoch"] for r in rows if "eval_epoch" in r] == [1, 2]  # the last epoch is evaluated too
+    assert [r["samples"] for r in epochs] == [4, 8]  # one image per trajectory, 4 an epoch
+    assert [r["eval_epoch"] for r in epochs] == [1, 2]  # the last epoch is evaluated too
     for n in (1, 2):
         assert (baseline_run / "checkpoints" / f"checkpoint-{n}" / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert (baseline_run / "images" / "epoch_0.jpg").is_file()  # training images of epoch 0
 
 
-def test_resume_from_checkpoint_reproduces_uninterrupted_epoch(baseline_run, tiny_prompt_embeddings):
+def test_resume_from_checkpoint_reproduces_uninterrupted_epoch(baseline_run):
     save = baseline_run.parent
-    _launch("ppo", "base", [*tiny_prompt_embeddings, f"--config.save_dir={save}", "--config.run_name=resumed", "--config.train.beta=0.01",
+    _launch("ppo", "base", [f"--config.save_dir={save}", "--config.run_name=resumed", "--config.train.beta=0.01",
                             f"--config.resume_from={baseline_run / 'checkpoints' / 'checkpoint-1'}"])
 
-    def epoch_two(rows):
-        start = next(i for i, r in enumerate(rows) if r.get("checkpoint_epoch") == 1) + 1 if any(
-            r.get("checkpoint_epoch") == 1 for r in rows) else 0
+    def unmeasured(rows):
         return [{k: v for k, v in r.items() if "time" not in k and "peak_memory" not in k
-                 and k != "checkpoint_path"} for r in rows[start:]]
+                 and k not in ("checkpoint_path", "elapsed_s")} for r in rows]
 
-    resumed, full = epoch_two(_metrics(save / "resumed")), epoch_two(_metrics(baseline_run))
-    assert len(resumed) == len(full) and resumed == full
+    assert unmeasured(_metrics(save / "resumed")) == unmeasured(_metrics(baseline_run))
     from safetensors.torch import load_file
 
     a = load_file(str(save / "resumed" / "checkpoints" / "checkpoint-2" / "lora" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(baseline_run / "checkpoints" / "checkpoint-2" / "lora" / "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _trainer(script, config_id, *overrides):
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    env["PYTHONPATH"] = str(COMPONENT) + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([PYTHON, script, "--config", f"config/sd3_matrix.py:tiny:{config_id}", *overrides],
+                          cwd=COMPONENT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_a_default_trainer_checkpoint_is_refused_by_the_branch_trainer_in_one_line(baseline_run):
+    """It used to fail with KeyError: 'counter' after loading every model."""
+    checkpoint = baseline_run / "checkpoints" / "checkpoint-1"
+    done = _trainer("scripts/train_sd3_pr.py", "sd3.base.branch.jpeg_compressibility.ppo.base",
+                    f"--config.resume_from={checkpoint}", "--config.run_name=other")
+    assert done.returncode == 1 and done.stderr.strip().splitlines()[-1] == (
+        f"error: resume_from='{checkpoint}': written by the scripts/train_sd3.py trainer (sampling_mode='default'); "
+        "this config runs sampling_mode='sde_branching'")
+
+
+def test_a_checkpoint_of_another_config_is_refused_naming_the_changed_keys(baseline_run):
+    checkpoint = baseline_run / "checkpoints" / "checkpoint-1"
+    done = _trainer("scripts/train_sd3.py", "sd3.base.default.jpeg_compressibility.matching.base",
+                    f"--config.resume_from={checkpoint}", "--config.train.beta=0.01")
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1 and "the checkpoint was trained with another config" in last
+    assert "train.loss_type: 'ppo' -> 'matching'" in last and "resume_ignore_config_changes=True" in last
 
 
 def test_matching_loss_with_guard_reweight_trains_one_epoch(tiny_prompt_embeddings, tmp_path):
@@ -89,15 +114,13 @@ def test_matching_loss_with_guard_reweight_trains_one_epoch(tiny_prompt_embeddin
     assert updates[0]["approx_kl"] == pytest.approx(0.0, abs=1e-12)
 
 
-def test_the_branch_trainer_refuses_a_default_sampler_config(tiny_prompt_embeddings, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
-    env["PYTHONPATH"] = str(COMPONENT) + os.pathsep + env.get("PYTHONPATH", "")
-    done = subprocess.run([PYTHON, "scripts/train_sd3_pr.py", "--config",
-                           "config/sd3_matrix.py:tiny:sd3.base.default.jpeg_compressibility.ppo.base", *tiny_prompt_embeddings,
-                           f"--config.save_dir={tmp_path}"], cwd=COMPONENT, env=env, capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode != 0
-    assert "sample.sampling_mode='default' belongs to scripts/train_sd3.py, not scripts/train_sd3_pr.py" in done.stderr
+def test_the_branch_trainer_refuses_a_default_sampler_config(tmp_path):
+    done = _trainer("scripts/train_sd3_pr.py", "sd3.base.default.jpeg_compressibility.ppo.base",
+                    f"--config.save_dir={tmp_path}")
+    assert done.returncode == 1
+    assert done.stderr.strip() == ("error: sample.sampling_mode='default' belongs to scripts/train_sd3.py, not "
+                                   "scripts/train_sd3_pr.py")
+    assert not any(tmp_path.iterdir())  # a failed start leaves no run folder
 
 
 # ------------------------------------------------------------------------------------------------ units

@@ -5,16 +5,17 @@
 #        --loss matching --reweight fairclip2 --num-processes 4          # the paper's Figure 4(a) "Ours"
 #
 # Builds the config id sd3.<profile>.<sampler>.<reward>.<loss>.<reweight>, checks the resolved config for
-# the chosen number of processes (sd35zo/config_check.py: one line saying what is wrong, before any model
-# loads), then runs `accelerate launch ... scripts/train_sd3.py|train_sd3_pr.py --config
-# config/sd3_matrix.py:<id>`. Everything after `--` is passed to the trainer, e.g. config overrides
-# `-- --config.train.learning_rate=1e-4`. CPU runs (--tiny, --cpu) on more than one process start them
-# with torchrun instead: `accelerate launch --cpu` always starts a single process.
+# the chosen number of processes, its files, model and run folder (sd35zo/config_check.py: one line saying
+# what is wrong, before any process starts), then runs `accelerate launch ... scripts/train_sd3.py|
+# train_sd3_pr.py --config config/sd3_matrix.py:<id>` (one process: the script directly). Everything after
+# `--` is passed to the trainer, e.g. config overrides `-- --config.train.learning_rate=1e-4`. CPU runs
+# (--tiny, --cpu) on more than one process start them with torchrun instead: `accelerate launch --cpu`
+# always starts a single process.
 set -euo pipefail
 trap '' HUP  # long runs survive the terminal closing
 
 COMPONENT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-cd "$COMPONENT_ROOT"  # relative paths in the configs (save_dir) are relative to the component
+CALLER_DIR="$PWD"  # --output-dir and a --model path are relative to where the user typed the command
 
 PROFILES="base highsnr highsnr2 base2 lowsnr lowsnr2"
 SAMPLERS="default branch"
@@ -42,7 +43,9 @@ usage: bash scripts/single_node/run_sd3.sh [options] [-- trainer args]
   --model M              base model: hub id or local diffusers directory (config pretrained.model)
   --output-dir D         where checkpoints and logs go (config save_dir)
   --tiny                 the same run on the tiny test kit (rsm_testkit): tiny SD3 and reward models,
-                         64 px, a few rows per epoch, CPU; for smoke tests
+                         its own prompts and embeddings, 64 px, a few rows per epoch, CPU; a served
+                         reward (geneval, deqa, qwenvl, unifiedreward) gets the kit's server, started
+                         beside the run and stopped with it
   --cpu                  run on the CPU (implied by --tiny)
   --dry-run              check the config and print the command instead of running it
   --list                 print the supported values of the five id fields and exit
@@ -111,6 +114,13 @@ if [[ -z "$num_processes" ]]; then
   fi
 fi
 [[ "$num_processes" =~ ^[1-9][0-9]*$ ]] || die_usage "--num-processes must be a positive integer (got '$num_processes')"
+absolute() {  # <path>: made absolute against the caller's directory
+  if [[ "$1" == /* ]]; then printf '%s' "$1"; else printf '%s' "$CALLER_DIR/$1"; fi
+}
+[[ -n "$output_dir" ]] && output_dir="$(absolute "$output_dir")"
+# a --model that exists as a path is a path; anything else is passed on as a hub id
+[[ -n "$model" && ( -e "$model" || "$model" == ./* || "$model" == ../* ) ]] && model="$(absolute "$model")"
+cd "$COMPONENT_ROOT"  # relative paths inside the configs (save_dir, resume_from) are relative to the component
 main_process_port="${main_process_port:-$default_port}"
 [[ "$main_process_port" =~ ^[0-9]+$ ]] || die_usage "--main-process-port must be an integer (got '$main_process_port')"
 
@@ -132,7 +142,23 @@ fi
 [[ -n "$model" ]] && overrides+=("--config.pretrained.model=${model}")
 [[ -n "$output_dir" ]] && overrides+=("--config.save_dir=${output_dir}")
 
-if [[ "$cpu" == 1 && "$num_processes" -gt 1 ]]; then
+# --tiny with a reward served by another process (geneval, deqa, qwenvl, unifiedreward): the test kit's
+# server for it (rsm_testkit.services: the real GenEval server on the tiny detector; scoring stand-ins for the
+# others) is started beside the run, unless a URL is given, and stopped when the launcher exits.
+service=""
+case "$reward" in geneval|deqa|qwenvl|unifiedreward) service="$reward" ;; esac
+service_env="TEMPFLOW_$(printf '%s' "$service" | tr '[:lower:]' '[:upper:]')_REWARD_URL"
+if [[ "$tiny" == 0 || -z "$service" || -n "${!service_env:-}" \
+      || " ${trainer_args[*]-} " == *"reward_options.${service}.url"* ]]; then
+  service=""
+fi
+
+if [[ "$num_processes" == 1 && -z "$accelerate_config" ]]; then
+  # One process needs no launcher: the trainer's Accelerator() works without one, and a failed start ends
+  # with the trainer's own one-line error instead of a launcher traceback.
+  launch=("$PYTHON")
+  [[ "$cpu" == 1 ]] && launch=(env ACCELERATE_USE_CPU=true "$PYTHON")
+elif [[ "$cpu" == 1 && "$num_processes" -gt 1 ]]; then
   # `accelerate launch --cpu` ignores --num_processes (its CPU path is single-process). torchrun starts
   # the N ranks; the trainer's Accelerator() reads torchrun's RANK/WORLD_SIZE, and ACCELERATE_USE_CPU
   # keeps it off any GPU and on gloo. `env` makes the printed --dry-run line the exact command run.
@@ -157,13 +183,49 @@ config_flags=()
 for arg in ${overrides[@]+"${overrides[@]}"} ${trainer_args[@]+"${trainer_args[@]}"}; do
   [[ "$arg" == --config.* ]] && config_flags+=("$arg")
 done
+check_flags=()
+[[ "$dry_run" == 1 ]] && check_flags+=(--paths-warn)  # a dry run reports missing files but still prints
 WORLD_SIZE="$num_processes" "$PYTHON" -m sd35zo.config_check --config "$config_target" \
-  ${config_flags[@]+"${config_flags[@]}"} || exit 1
+  ${config_flags[@]+"${config_flags[@]}"} ${check_flags[@]+"${check_flags[@]}"} || exit 1
 
-if [[ "$dry_run" == 1 ]]; then
-  printf '%q' "${command[0]}"
-  printf ' %q' "${command[@]:1}"
+print_command() {
+  printf '%q' "$1"
+  shift
+  printf ' %q' "$@"
   printf '\n'
+}
+if [[ -n "$service" ]]; then
+  service_command=("$PYTHON" -m rsm_testkit.services "$service" --port 0)
+  url_override="--config.reward_options.${service}.url"
+fi
+if [[ "$dry_run" == 1 ]]; then
+  if [[ -n "$service" ]]; then
+    printf 'tiny %s server (started beside the run, its address passed as %s): ' "$service" "$url_override"
+    print_command "${service_command[@]}"
+  fi
+  print_command "${command[@]}"
   exit 0
 fi
-exec "${command[@]}"
+if [[ -z "$service" ]]; then
+  exec "${command[@]}"
+fi
+
+service_log="$(mktemp -t "tiny-${service}-XXXXXX.log")"
+"${service_command[@]}" >"$service_log" 2>&1 &
+service_pid=$!
+trap 'kill "$service_pid" 2>/dev/null; wait "$service_pid" 2>/dev/null; rm -f "$service_log"' EXIT
+trap 'exit 130' INT TERM
+for _ in $(seq 360); do  # the GenEval server loads its tiny detector first: up to 180 s
+  address="$(sed -n 's/^listening on //p' "$service_log")"
+  [[ -n "$address" ]] && break
+  kill -0 "$service_pid" 2>/dev/null || break
+  sleep 0.5
+done
+if [[ -z "${address:-}" ]]; then
+  echo "run_sd3.sh: the tiny $service server did not start; its log ends:" >&2
+  tail -5 "$service_log" >&2
+  exit 1
+fi
+url="${address}$("$PYTHON" -c "import sys; from rsm_testkit.services import url_path; print(url_path(sys.argv[1]))" "$service")"
+echo "tiny $service server: $url (pid $service_pid, log $service_log)"
+"${command[@]}" "${url_override}=${url}"
