@@ -84,7 +84,7 @@ def get_config():
         "reward_fn": {},
         "save_dir": "",
         "per_prompt_stat_tracking": True,
-        # ours: logging is optional; "auto" = online with WANDB_API_KEY set, offline otherwise.
+        # ours: logging is optional; "auto" = online with WANDB_API_KEY set, off otherwise ("offline" on request).
         "wandb": {"mode": "auto", "project": "tempflow_grpo"},
         # ours: keyword options for shared_rewards.load_reward, one dict per reward in reward_fn.
         "reward_options": {},

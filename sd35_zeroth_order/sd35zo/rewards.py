@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["build_reward", "score_images", "submit_scores"]
+__all__ = ["build_reward", "reward_pool", "score_images", "submit_scores"]
 
 
 def build_reward(config, device="cpu", for_eval=False):
@@ -56,9 +56,18 @@ def score_images(reward, images: torch.Tensor, prompts: Sequence[str], metadata:
     return out
 
 
+# Rollouts scored at once. More than one: a served reward (GenEval over HTTP, with server workers) or a slow
+# image conversion for one rollout no longer queues the next rollout's scoring behind it (upstream: 8 threads).
+REWARD_THREADS = 4
+
+
+def reward_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=REWARD_THREADS, thread_name_prefix="reward")
+
+
 def submit_scores(pool: Optional[ThreadPoolExecutor], reward, images, prompts, metadata) -> Future:
-    """Score on `pool` so the next rollout's sampling overlaps with this one's scoring (upstream used an
-    8-thread pool); without a pool the future is already resolved."""
+    """Score on `pool` so the next rollouts' sampling overlaps with this one's scoring; results keep their
+    rollout's order whatever order the threads finish in. Without a pool the future is already resolved."""
     images = images.detach().clone()  # the sampler may reuse its buffers while the thread reads these
     if pool is None:
         future: Future = Future()

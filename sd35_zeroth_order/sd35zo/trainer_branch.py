@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from .advantages import (gather_group_advantages, grouping_labels, mean_group_size, mean_group_std,
                          rollout_seed_ids, zero_std_ratio)
 from .prompt_samplers import BranchPromptSampler, branch_counter
-from .rewards import submit_scores
+from .rewards import reward_pool, submit_scores
 from .sampling import decode_latents, initial_latents
 from .sampling_branch import exploration_weights, mean_active_k, sample_branches
 from .trainer_common import (IMAGE_LOG_EVERY, Run, add_lora, collate, count_inner_epoch_updates, ema_step,
@@ -54,7 +53,7 @@ def sample_epoch(run: Run, epoch: int) -> dict:
     steps = run.budget.train_steps
     rollouts, futures, row_meta = [], [], []
     stats = {"useful": 0, "processed": 0}
-    pool = ThreadPoolExecutor(max_workers=1)
+    pool = reward_pool()
     run.transformer.eval()
     for b in progress(run, range(run.budget.rollouts_per_epoch), f"epoch {epoch + 1} sampling"):
         counter = branch_counter(epoch, b, run.budget.rollouts_per_epoch)

@@ -12,10 +12,11 @@ exactly, the last epoch is always evaluated and saved, v_old is stored in the em
 fp32 embeddings), and every random draw comes from a generator seeded by (seed, rank, epoch, ...), so a
 resumed run repeats the uninterrupted one bit for bit on CPU.
 
-What every trainer of this repository promises (../shared/TRAINER_CONTRACT.md) lives in small modules beside
-this one: `preflight` (paths and model checked before any model loads), `run_folder` (the run folder, its
-config.json / run.json / metrics.jsonl, refusing to overwrite a run), `checkpoints` (atomic, weights-only,
-limited); here, `optimizer_step` stops a run at the first non-finite loss, gradient norm or weight.
+What every trainer of this repository promises (the trainer contract; README "What a run promises") lives in
+small modules beside this one: `preflight` (paths and model checked before any model loads), `run_folder` (the
+run folder, its config.json / run.json / metrics.jsonl, refusing to overwrite a run), `checkpoints` (atomic,
+weights-only, limited); here, `optimizer_step` stops a run at the first non-finite loss, gradient norm or
+weight.
 
 Epoch numbering: `checkpoint-<n>` and evaluation "at epoch n" describe the policy after n trained epochs
 (both trainers; upstream's default trainer named checkpoints by optimizer step).

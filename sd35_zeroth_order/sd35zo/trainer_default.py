@@ -26,7 +26,7 @@ import torch
 
 from .advantages import gather_group_advantages, mean_group_size, mean_group_std, zero_std_ratio
 from .prompt_samplers import EpochPromptSampler
-from .rewards import submit_scores
+from .rewards import reward_pool, submit_scores
 from .sampling import decode_latents, initial_latents, sample_sde_trajectory
 from .trainer_common import (IMAGE_LOG_EVERY, Run, collate, count_inner_epoch_updates, ema_step, optimizer_step,
                              policy_velocity, progress, reward_statistics, rows_loss, run_epochs, seeded_generator,
@@ -63,7 +63,7 @@ def sample_epoch(run: Run, epoch: int) -> dict:
     guard = config.train.reweight_type == "grpo_guard"
     run.sampler.set_epoch(epoch)
     rollouts, futures, prompts = [], [], []
-    pool = ThreadPoolExecutor(max_workers=1)
+    pool = reward_pool()
     run.transformer.eval()
     images = None
     batches = run.sampler.epoch_batches(epoch)

@@ -108,3 +108,16 @@ def test_builders_write_a_model_and_embeddings_the_trainer_loads(tmp_path):
         out = transformer(hidden_states=torch.randn(1, 16, 8, 8), encoder_hidden_states=embeds.float(),
                           pooled_projections=pooled.float(), timestep=torch.tensor([500.0])).sample
     assert out.shape == (1, 16, 8, 8) and torch.isfinite(out).all()
+
+
+def test_reward_path_bench_compares_both_paths_on_equal_scores():
+    """The reward-path bench runs both paths on the tiny kit, checks their scores are equal and shows that
+    a two-part mix converts each batch once instead of once per part."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "bench/bench_reward_path.py", "--tiny", "--rollouts", "2", "--images", "3",
+                           "--size", "64", "--sample-seconds", "0", "--repeats", "1"], cwd=COMPONENT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| ") and "path" not in line]
+    assert [r[0].strip() for r in rows] == ["one-thread", "shared (4 threads)"]
+    assert [int(r[3]) for r in rows] == [4, 2]  # 2 rollouts x 2 parts, then 2 rollouts x 1

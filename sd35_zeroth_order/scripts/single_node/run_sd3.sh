@@ -54,7 +54,7 @@ usage: bash scripts/single_node/run_sd3.sh [options] [-- trainer args]
 
 Environment: PYTHON (default python3) and ACCELERATE (default accelerate) name the executables;
 TORCHRUN (default: \$PYTHON -m torch.distributed.run) starts CPU runs with N > 1.
-WANDB_API_KEY enables online logging (offline otherwise; --config.wandb.mode=disabled turns it off).
+WANDB_API_KEY turns on wandb logging (off otherwise; --config.wandb.mode=offline logs offline without a key).
 TEMPFLOW_GENEVAL_REWARD_URL, TEMPFLOW_DEQA_REWARD_URL, TEMPFLOW_QWENVL_REWARD_URL and
 TEMPFLOW_UNIFIEDREWARD_URL point the service-backed rewards at their servers (or override
 --config.reward_options.<reward>.url). Cluster network settings (e.g. NCCL_IB_HCA, NCCL_IB_GID_INDEX
