@@ -19,9 +19,10 @@ from typing import Callable, Sequence
 
 Builder = Callable[[Path], None]
 TINY_MODELS: dict[str, Builder] = {}
-# Modules that register builders; imported on first use so `import rsm_testkit` stays cheap.
+# Modules that register builders (or define `reward_options()`); imported on first use so `import rsm_testkit`
+# stays cheap.
 BUILDER_MODULES = ("rsm_testkit.diffusion", "rsm_testkit.rewards_clip", "rsm_testkit.rewards_blip",
-                   "rsm_testkit.geneval_models", "rsm_testkit.prompt_sets")
+                   "rsm_testkit.geneval_models", "rsm_testkit.prompt_sets", "rsm_testkit.ocr_standin")
 # Helpers the builders share: their source is part of every key, so a change there rebuilds everything.
 SHARED_MODULES = ("rsm_testkit.tokenizers",)
 FORMAT_PACKAGES = ("diffusers", "transformers", "open_clip_torch", "torch")

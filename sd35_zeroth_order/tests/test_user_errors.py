@@ -268,3 +268,20 @@ def test_misspelled_key_is_named_with_the_likely_fix(tmp_path):
 def test_preflight_accepts_the_tiny_paper_config(matrix):
     train, test = preflight.check_all(matrix.get_config(TINY_ID))
     assert len(train) > 0 and len(test) > 0
+
+
+SERVED = ("geneval", "deqa", "qwenvl", "unifiedreward")  # started beside a --tiny run by the launcher
+
+
+@pytest.mark.parametrize("reward", ["ocr", "pickscore", "imagereward", "aesthetic", "jpeg_compressibility"])
+def test_every_in_process_reward_builds_and_scores_in_tiny_mode(matrix, reward):
+    """Issue 9 item 2: every --reward works with --tiny (the served ones get the kit's servers from the
+    launcher, tested in test_launcher.py and, for GenEval, end to end in test_train_branch.py)."""
+    from sd35zo.rewards import build_reward, score_images
+
+    assert reward not in SERVED
+    config = matrix.get_config(f"tiny:sd3.base.branch.{reward}.ppo.base")
+    train, _ = preflight.check_all(config)  # the kit's prompt set of this reward, with embeddings
+    prompts = [train[i]["prompts"] for i in range(2)]
+    scores = score_images(build_reward(config), torch.rand(2, 3, 64, 64), prompts, [{}, {}])
+    assert scores["avg"].shape == (2,) and torch.isfinite(scores["avg"]).all()

@@ -69,6 +69,19 @@ def paddle_recognizer() -> Recognizer:
     return recognise
 
 
+def _import_recognizer(name: str, spec: str) -> Recognizer:
+    import importlib
+
+    module, _, attribute = spec.partition(":")
+    try:
+        found = getattr(importlib.import_module(module), attribute) if attribute else None
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"{name}: recognizer {spec!r} cannot be imported ({exc})") from None
+    if found is None:
+        raise ValueError(f"{name}: recognizer must look like 'package.module:function', got {spec!r}")
+    return found
+
+
 class OCRReward(Reward):
     name = "ocr"
     differentiable = False
@@ -78,12 +91,16 @@ class OCRReward(Reward):
     def __init__(self, device="cpu", dtype=torch.float32, *, engine: str = "paddleocr",
                  recognizer: Recognizer | None = None):
         """engine: "paddleocr" (2.9.x, CPU, as Flow-GRPO). recognizer: a callable taking a list of uint8
-        [H, W, 3] RGB arrays and returning each image's text lines; when given, `engine` is not imported."""
+        [H, W, 3] RGB arrays and returning each image's text lines, or its import path 'package.module:function'
+        (what a config file can hold); when given, `engine` is not imported."""
         super().__init__(device, dtype)
         if engine not in ENGINES:
             raise ValueError(f"{self.name}: engine must be one of {ENGINES}, got {engine!r}")
+        if isinstance(recognizer, str):  # "package.module:function", so a config file can name one
+            recognizer = _import_recognizer(self.name, recognizer)
         if recognizer is not None and not callable(recognizer):
-            raise ValueError(f"{self.name}: recognizer must be a callable, got {type(recognizer).__name__}")
+            raise ValueError(f"{self.name}: recognizer must be a callable or 'module:function', "
+                             f"got {type(recognizer).__name__}")
         self.engine = engine
         self.recognizer = recognizer if recognizer is not None else paddle_recognizer()
 

@@ -150,5 +150,17 @@ def test_paddleocr_3_is_refused_with_the_pin(monkeypatch):
 def test_bad_options_raise_one_clear_error():
     with pytest.raises(ValueError, match=r"engine must be one of \('paddleocr',\)"):
         load_reward("ocr", engine="tesseract", recognizer=lambda images: [])
-    with pytest.raises(ValueError, match="recognizer must be a callable"):
+    with pytest.raises(ValueError, match="recognizer must (be a callable|look like .package.module:function.)"):
         load_reward("ocr", recognizer="easyocr")
+
+
+def test_a_recognizer_can_be_named_by_its_import_path_as_a_config_file_holds_it():
+    """reward_options.ocr.recognizer in a config is a string; the kit's stand-in reads 4 letters per image."""
+    from shared_rewards import load_reward
+
+    reward = load_reward("ocr", recognizer="rsm_testkit.ocr_standin:recognize")
+    images = torch.stack([torch.full((3, 16, 16), 0.02), torch.full((3, 16, 16), 0.99)])  # "aaaa", "zzzz"
+    out = reward(images, ['a sign that says "aaaa"', 'a sign that says "aaaa"'])
+    assert out.extras["ocr_text"] == ["aaaa", "zzzz"] and out.scores.tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match="recognizer 'no.such:thing' cannot be imported"):
+        load_reward("ocr", recognizer="no.such:thing")
