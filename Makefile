@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine with Python 3.11:
 #   make test   create .venv, install every component, build the tiny models, run every test suite
-#   make demo   same install, then run the main job of each component on the tiny models
+#   make demo   same install, then train each component's baseline and ours on the tiny models and draw
+#               their reward curves (outputs/demo/index.md lists every figure)
 # On a GPU machine: `make install GPU=1` (checks that the installed torch sees CUDA). For another CUDA
 # build of torch, point TORCH_INDEX_URL at the PyTorch wheel index for your CUDA version.
 
@@ -42,7 +43,7 @@ test: tiny-models
 	$(PY) ci/run_tests.py
 
 demo: tiny-models
-	HF_HUB_OFFLINE=1 $(PY) -m rsm_testkit.demo --out outputs/demo
+	HF_HUB_OFFLINE=1 $(PY) scripts/demo.py --out outputs/demo
 
 bench: tiny-models
 	$(PY) shared_rewards/bench/bench_rewards.py

@@ -78,12 +78,18 @@ def load_tiny_rewards(device: str, names: list[str] | None = None, strict: bool 
 
 
 def score_all(rewards: dict, images: torch.Tensor, prompts: list[str], strict: bool = False):
-    """`({reward: [scores]}, {reward: error})` for one batch of images `[B, 3, H, W]`."""
+    """`({reward: [scores]}, {reward: error})` for one batch of images `[B, 3, H, W]`. A reward that cannot take
+    these prompts at all (ocr needs quoted text to render) is reported under its name in `errors` with the
+    prefix "unsuitable prompts: "."""
+    from shared_rewards import RewardInputError
+
     scores, errors = {}, {}
     for name, reward in rewards.items():
         try:
             with torch.no_grad():
                 scores[name] = reward(images, prompts).scores.cpu().tolist()
+        except RewardInputError as err:
+            errors[name] = f"unsuitable prompts: {err}"
         except Exception as err:  # noqa: BLE001
             if strict:
                 raise
@@ -135,13 +141,16 @@ def run_rewards(args: argparse.Namespace) -> dict:
     prompts = args.prompts or PROMPTS
     rewards, skipped = load_tiny_rewards(args.device, args.rewards, strict=args.strict)
     result = {"prompts": prompts, "size": args.size, "steps": args.steps, "seed": args.seed,
-              "rewards": sorted(rewards), "skipped": skipped, "pipelines": {}}
+              "rewards": [], "skipped": skipped, "pipelines": {}}
     rows = []
     for pipeline in args.pipelines:
         start = time.perf_counter()
         images = generate(pipeline, prompts, args.size, args.steps, args.device, args.seed)  # [B, 3, H, W]
         generate_s = time.perf_counter() - start
         scores, errors = score_all(rewards, images, prompts, strict=args.strict)
+        for name in [n for n, e in errors.items() if e.startswith("unsuitable prompts: ")]:
+            skipped[name] = errors.pop(name)  # e.g. ocr without a prompt that quotes text: not a failure
+            rewards.pop(name)
         result["pipelines"][pipeline] = {"checkpoint": str(get_tiny_model(pipeline)), "generate_s": round(generate_s, 3),
                                          "scores": scores, "score_errors": errors}
         row = []
@@ -149,6 +158,9 @@ def run_rewards(args: argparse.Namespace) -> dict:
             caption = [f"{pipeline}: {prompt}"] + [f"{name} {s[i]:.4g}" for name, s in scores.items()]
             row.append(tile(images[i].cpu(), caption))
         rows.append(row)
+    result["rewards"] = sorted(rewards)
+    for pipeline in result["pipelines"].values():  # a reward skipped at a later pipeline leaves no half row
+        pipeline["scores"] = {name: v for name, v in pipeline["scores"].items() if name in rewards}
     grid(rows).save(out / "grid.png")
     (out / "scores.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"rewards: {len(rewards)} scored ({', '.join(sorted(rewards)) or 'none'}), "
