@@ -165,7 +165,7 @@ def sample_branches(predict: Predict, x_T: torch.Tensor, alphas_cumprod: torch.T
             eps, ref = eps_u[pick], (ref_u[pick] if ref_u is not None else None)
             step = ddim_step_with_logprob(alphas_cumprod, eps, t_s.expand(count), state[expanded], eta=eta,
                                           model_output_ref=ref, noise=noise, **step_kw)
-            nxt, logp = step.prev_sample, step.log_prob
+            nxt, logp = step.prev_sample, _log_prob_or_nan(step, count)
         else:  # upstream: chunks of L rows, a short last chunk padded with copies of its first row
             parts = []
             for start in range(0, count, latent_chunk_size):
@@ -178,7 +178,7 @@ def sample_branches(predict: Predict, x_T: torch.Tensor, alphas_cumprod: torch.T
                 e, r = predictions(state[ids], t_s.expand(ids.shape[0]), ids, False)
                 st = ddim_step_with_logprob(alphas_cumprod, e, t_s.expand(ids.shape[0]), state[ids], eta=eta,
                                             model_output_ref=r, noise=xi, **step_kw)
-                parts.append((st.prev_sample[:real], st.log_prob[:real], e[:real]))
+                parts.append((st.prev_sample[:real], _log_prob_or_nan(st, ids.shape[0])[:real], e[:real]))
             nxt, logp, eps = (torch.cat(p) for p in zip(*parts))
         rows["step"].append(torch.full((count,), s, device=device, dtype=torch.long))
         rows["sample"].append(expanded)
@@ -203,6 +203,13 @@ def sample_branches(predict: Predict, x_T: torch.Tensor, alphas_cumprod: torch.T
     return BranchRollout(cat["step"], cat["sample"], cat["k"], cat["t"], cat["t_next"], cat["latents"], cat["next"],
                          cat["log_probs"], cat["noises"], cat["preds"], final, anchor["step"], anchor["sample"],
                          anchor["t"], anchor["t_next"], anchor["latents"], root_latents, useful, processed)
+
+
+def _log_prob_or_nan(step, count: int) -> torch.Tensor:
+    """ℓ of a branch step; NaN (undefined) with η = 0, where the branch is deterministic."""
+    if step.log_prob is not None:
+        return step.log_prob
+    return torch.full((count,), float("nan"), device=step.prev_sample.device)
 
 
 def _continue_rows(ode, step_idx: torch.Tensor, sample_idx: torch.Tensor, next_latents: torch.Tensor,

@@ -390,19 +390,23 @@ def load_config(trainer: str, config_path: Optional[str] = None, sets=(), *, tin
 
 # ------------------------------------------------------------------------------------------------ tiny mode
 
-TINY = {  # the same commands on the tiny kit: CPU, fp32, a few rows an epoch (trainer -> overrides)
-    "grpo": dict(sample_num_steps=5, num_prompts_per_epoch=2, num_generations_per_prompt=4, sample_batch_size=4,
-                 train_batch_size=2, train_gradient_accumulation_steps=2),
-    "grpo_pr": dict(sample_num_steps=5, exploration_k=[2, 0, 2, 0, 0], num_prompts_per_epoch=2,
-                    num_generations_per_prompt=2, collection_batch_size=2, latent_chunk_size=2,
-                    policy_update_row_batch_size=4, updates_per_epoch=2),
+# The same commands on the tiny kit: CPU, fp32, a few rows an epoch, 2 updates an epoch as the presets. uw-sigma's
+# sigma with const_weight 4.5 is real at every step of the 50-step schedule only (spec §3.4), so the baseline and
+# evaluation keep 50 steps; the RSM trainer samples sigma at its branch steps only and runs 10 steps, branching
+# (k = 2) at the first four even steps and anchoring at the others.
+TINY = {
+    "grpo": dict(num_prompts_per_epoch=2, num_generations_per_prompt=2, sample_batch_size=2, train_batch_size=2,
+                 train_gradient_accumulation_steps=1, train_timestep_fraction=0.1),  # 4 trained steps of 49
+    "grpo_pr": dict(sample_num_steps=10, exploration_k=[2, 0, 2, 0, 2, 0, 2, 0, 0, 0], eval_num_steps=50,
+                    num_prompts_per_epoch=2, num_generations_per_prompt=2, collection_batch_size=2,
+                    latent_chunk_size=8, policy_update_row_batch_size=4, updates_per_epoch=2),
 }
 
 
 def tiny_overrides(trainer: str) -> dict:
-    """What `--tiny` changes: the tiny SD1.5, HPS and prompt list of the test kit (rsm_testkit), 2 epochs that
-    evaluate and save every epoch, fp32 on a CPU, and budgets of a few rows (2 optimizer updates an epoch, as
-    the presets). The only place that knows about the kit; the trainers see an ordinary config."""
+    """What `--tiny` changes: the tiny SD1.5, HPS and prompt list of the test kit (rsm_testkit), 2 epochs, fp32 on a
+    CPU, and budgets of a few rows (2 optimizer updates an epoch, as the presets) that save every epoch and evaluate
+    after the last. The only place that knows about the kit; the trainers see an ordinary config."""
     try:
         from rsm_testkit import get_tiny_model, tiny_reward_options
     except ImportError:
@@ -410,8 +414,8 @@ def tiny_overrides(trainer: str) -> dict:
     prompts = get_tiny_model("prompt_sets") / "dancegrpo" / "prompts.txt"
     return {"pretrained_model": str(get_tiny_model("sd15")), "revision": "main", "variant": None,
             "prompt_file": str(prompts), "reward_options": dict(tiny_reward_options("hpsv2")),
-            "num_train_epochs": 2, "save_freq": 1, "eval_freq": 1, "eval_num_batches": 1, "eval_batch_size": 2,
-            "eval_num_steps": 5, "mixed_precision": "no", "allow_tf32": False, "logging_dir": "logs/tiny",
+            "num_train_epochs": 2, "save_freq": 1, "eval_freq": 2, "eval_num_batches": 1, "eval_batch_size": 2,
+            "mixed_precision": "no", "allow_tf32": False, "logging_dir": "logs/tiny",
             "image_log_freq": 1, **TINY[trainer]}
 
 
@@ -630,24 +634,36 @@ def anchor_target(num_rows: int, raw_anchor_rows: int, max_ratio: float) -> int:
 
 
 def check_sigma(config, alphas_cumprod, timesteps_of) -> None:
-    """The sampler's σ (and c2 = √(1 − a' − σ²)) are real and positive at every step the run samples; else one
-    line naming the timesteps (e.g. const_weight 0.5169 with uw-sigma: the square root goes negative at t <= 121,
-    spec §3.4). `timesteps_of(n)` gives the scheduler's n inference timesteps."""
+    """The sampler's σ (and c2 = √(1 − a' − σ²)) are real and positive at every stochastic step the run takes (the
+    baseline's and evaluation's every step, the RSM trainer's branch steps); else one line naming the timesteps.
+    PCPO's σ with const_weight 4.5 is real at every step only on the 50-step SD1.5 schedule: with fewer steps the
+    square root goes negative at the second-to-last step (spec §3.4). `timesteps_of(n)` gives the scheduler's n
+    inference timesteps."""
     import torch
 
     from . import schedule as sched
 
-    for n in sorted({config.sample_num_steps, config.eval_num_steps}):
+    runs = [(config.eval_num_steps, None, "eval_num_steps")]
+    if config.trainer == "grpo":
+        runs.append((config.sample_num_steps, None, "sample_num_steps"))
+    else:
+        branch = [i for i, k in enumerate(normalize_schedule(config.exploration_k, config.sample_num_steps)) if k > 0]
+        runs.append((config.sample_num_steps, branch, "sample_num_steps"))
+    for n, steps, key in runs:
         t = timesteps_of(n)
+        t = t if steps is None else t[steps]
         sigma = sched.step_sigma(alphas_cumprod.double(), t, n, config.sample_eta, config.algorithm,
                                  config.const_weight)
         a, a_prev = sched.step_alphas(alphas_cumprod.double(), t, n)
         bad = t[~(torch.isfinite(sigma) & torch.isfinite(sched.c2(a_prev, sigma)) & (sigma > 0))]
         if bad.numel():
             shown = ", ".join(str(int(v)) for v in bad[-5:])
-            _fail(f"const_weight={config.const_weight!r} with algorithm={config.algorithm} and sample_eta="
-                  f"{config.sample_eta!r} gives no real sigma at t = {shown} (sqrt of a negative number, spec §3.4); "
-                  f"the preset uses const_weight 4.5")
+            fix = ("uw-sigma with const_weight 4.5 is defined at every step of the 50-step schedule only (the preset: "
+                   "sample_num_steps = eval_num_steps = 50)" if config.algorithm == "uw-sigma" else
+                   "lower sample_eta")
+            _fail(f"{key}={n} with algorithm={config.algorithm}, const_weight={config.const_weight!r}, sample_eta="
+                  f"{config.sample_eta!r} gives no real sigma at t = {shown} (the square root in the sampler's sigma "
+                  f"is negative there, spec §3.4): {fix}")
 
 
 # ------------------------------------------------------------------------------------------------ diff / check

@@ -82,20 +82,16 @@ def load_models(config, device) -> Models:
     tokenizer = _from_pretrained(model, revision, variant, "tokenizer", lambda m: CLIPTokenizer.from_pretrained(
         m, subfolder="tokenizer", revision=revision))
     text_encoder = _from_pretrained(model, revision, variant, "text encoder", lambda m: CLIPTextModel.from_pretrained(
-        m, subfolder="text_encoder", revision=revision))
+        m, subfolder="text_encoder", revision=revision, dtype=weight_dtype))
+    unet_dtype = weight_dtype if config.use_lora else torch.float32  # full fine-tuning trains fp32 weights
     unet = _from_pretrained(model, revision, variant, "UNet", lambda m: UNet2DConditionModel.from_pretrained(
-        m, subfolder="unet", revision=revision, variant=variant))
+        m, subfolder="unet", revision=revision, variant=variant, torch_dtype=unet_dtype))
     vae = _from_pretrained(model, revision, variant, "VAE", lambda m: AutoencoderKL.from_pretrained(
-        m, subfolder="vae", revision=revision, variant=variant))
+        m, subfolder="vae", revision=revision, variant=variant, torch_dtype=weight_dtype))
     for module in (unet, vae, text_encoder):
-        module.requires_grad_(False)
-    vae.to(device, dtype=weight_dtype)
-    text_encoder.to(device, dtype=weight_dtype)
+        module.requires_grad_(False).to(device)
     unet_ref = None
-    if config.use_lora:
-        unet.to(device, dtype=weight_dtype)
-    else:
-        unet.to(device)  # fp32: every weight trains
+    if not config.use_lora:
         unet_ref = copy.deepcopy(unet).requires_grad_(False).to(dtype=weight_dtype)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()

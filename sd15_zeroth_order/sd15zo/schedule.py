@@ -81,8 +81,12 @@ def natural_weight(alphas_cumprod: torch.Tensor, timestep, num_steps: int) -> to
 
 def step_sigma(alphas_cumprod: torch.Tensor, timestep, num_steps: int, eta: float, algorithm: str,
                const_weight=None) -> torch.Tensor:
-    """σ_t of the sampler: η · σ_PCPO(t; const_weight) for `uw-sigma`, η · σ_DDPM(t) for every other algorithm."""
+    """σ_t of the sampler: η · σ_PCPO(t; const_weight) for `uw-sigma`, η · σ_DDPM(t) for every other algorithm;
+    exactly 0 for η = 0 (upstream multiplied, which gives 0 · NaN = NaN where σ_PCPO has no real value: the
+    deterministic passes of a schedule other than SD1.5's 50 steps, spec §3.4)."""
     a, a_prev = step_alphas(alphas_cumprod, timestep, num_steps)
+    if eta == 0:
+        return torch.zeros_like(a)
     if "sigma" in algorithm:
         return sigma_pcpo(a, a_prev, const_weight) * eta
     return eta * sigma_ddpm(a, a_prev)
