@@ -31,12 +31,12 @@ def get_default_configs():
     training.coeff_terminal = 1000.0        # value net: weight of the terminal loss
     training.reward_masking = False         # average the velocity loss over samples with reward >= 0 only
     training.use_jvp = False                # forces the math SDPA kernel (upstream's only effect of this flag)
-    training.detach_dir = True              # value net: stop-gradient on the spatial finite-difference direction
+    training.detach_dir = True              # value net: stop-gradient on the spatial direction (False has no effect upstream: refused)
     training.quantile_clipping = True       # per-sample norm clipping of reward gradients at tau
     training.use_saved_rgrad_x1 = False     # RSM "ours": terminal reward gradient saved at sampling, reused
-    # ours: "bf16" = upstream's finite differences (bf16 autocast, eps 1e-4 in timestep units, spec §5.5); "fp32" =
-    # the same differences without autocast, in fp32 arithmetic; "jvp" = exact directional derivatives of the
-    # learned terms (value net along time and space, reference velocity along nabla V) (spec §10 N7)
+    # ours (spec §10 N7): "bf16" = upstream's value-net finite differences (bf16 autocast, eps 1e-4 in latent and in
+    # timestep units, the asymmetric temporal lookahead); "fp32" = fp32 arithmetic (needs mixed_precision "no"), eps
+    # 1e-3 (latent) / 1e-2 (timestep) divided by the realised step, the same lookahead estimator at s and s - eps
     training.finite_differences = "bf16"
     training.gradient_checkpointing = False  # ours: recompute transformer activations in backward (saves memory)
     training.nan_policy = "stop"            # ours: a non-finite loss/grad norm/weight "stop"s the run or "skip"s the step

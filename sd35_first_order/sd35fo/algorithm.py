@@ -168,6 +168,13 @@ class VGGFlow:
     def consistency_loss(self, b: StepBatch, sigma, nu, grad_v, v_ref, tau):
         """L_cons = mean(((Δ_t - F1 - F2) / beta)^2) (spec §5.5 steps 6-9): the residual of the spatial gradient of
         the HJB equation, by finite differences. Gradients reach the value net only."""
+        terms = self.consistency_terms(b, sigma, nu, grad_v, v_ref, tau)
+        residual = (terms["delta_t"].float() - terms["f1"] - terms["f2"]) / self.beta
+        return residual.pow(2).mean()
+
+    def consistency_terms(self, b: StepBatch, sigma, nu, grad_v, v_ref, tau) -> dict:
+        """The three finite differences of the consistency loss: the time derivative of nabla V (Δ_t), the
+        reference velocity's derivative along nabla V (F1) and beta nabla V's along R / beta + nabla V (F2)."""
         device, beta = b.x.device, self.beta
         eps_x, eps_t = FD_EPS["fp32" if self.fd == "fp32" else "bf16"]
         x = b.x if self.fd == "bf16" else b.x.float()
@@ -213,5 +220,4 @@ class VGGFlow:
             g_p = self.reward_grad(y_p, x_p, b.prompts, b.metadata, tau, retain_graph=False).grad
         scaled_p = nu_p.float() - eta_sigma * beta * g_p
         f2 = (scaled_p - grad_v.float() * beta) / eps_x
-        residual = (delta_t.float() - f1 - f2) / beta
-        return residual.pow(2).mean()
+        return {"delta_t": delta_t, "f1": f1, "f2": f2}

@@ -52,6 +52,10 @@ def sample_ode(transformer, z0, text, pooled, sigmas, timesteps, guidance_scale,
     return torch.stack(latents, dim=1), (torch.stack(velocities, dim=1) if keep_velocities else None)
 
 
+class NonFiniteRollout(RuntimeError):
+    """The policy produced non-finite latents (a diverged run); the trainer turns it into its one-line error."""
+
+
 def rollout_batch(*, pipe, transformer, vae, reward_fn, reward_grad, prompts, metadata, sigmas, timesteps,
                   guidance_scale, generator, device, weight_dtype, keep_velocities=False, terminal_gradient=False,
                   leaf_dtype=None, timer=None, progress=None):
@@ -65,6 +69,8 @@ def rollout_batch(*, pipe, transformer, vae, reward_fn, reward_grad, prompts, me
     z0 = initial_noise(len(prompts), transformer, generator, device, weight_dtype)
     latents, velocities = sample_ode(transformer, z0, text, pooled_both, sigmas, timesteps, guidance_scale,
                                      keep_velocities, progress=progress)
+    if not bool(torch.isfinite(latents[:, -1]).all()):
+        raise NonFiniteRollout("the rollout's final latents are non-finite")
     images = decode_images(vae, latents[:, -1])  # [B, 3, H, W] in [0, 1]
     with torch.no_grad():
         rewards, _ = reward_fn(images, list(prompts), list(metadata))

@@ -84,8 +84,9 @@ def apply(config, user_keys=()) -> None:
     values["pretrained.model"] = str(get_tiny_model("sd35"))
     values["pretrained.autoencodertiny_model"] = str(get_tiny_model("taesd3"))
     values["experiment.data_dir"] = prompt_data_dir()
+    eval_given = _given("eval.enabled", user_keys)  # the user decides about evaluation: no tiny eval settings
     for key, value in values.items():
-        if not _given(key, user_keys):
+        if not _given(key, user_keys) and not (eval_given and key.startswith("eval.")):
             _assign(config, key, value)
     for option, value in tiny_reward_options(SHARED_NAME[config.experiment.reward_fn]).items():
         if not _given(f"experiment.reward_options.{option}", user_keys):

@@ -38,7 +38,7 @@ from .guidance import GuidedVelocity
 from .metrics import aggregate, norm_records
 from .reward_grad import RewardGrad
 from .rewards import RewardLoadError, build_reward
-from .rollout import concatenate, encode_prompts, initial_noise, rollout_batch, sample_ode
+from .rollout import NonFiniteRollout, concatenate, encode_prompts, initial_noise, rollout_batch, sample_ode
 from .schedule import next_sigma_of_steps, scheduler_schedule, sigma_of_steps
 from .value_net import LORA_TARGETS, ValueNet, build as build_value_net, lora_config
 
@@ -367,13 +367,19 @@ def sample_epoch(run: Run, epoch: int) -> dict:
         drawn = [run.prompt_source.draw(rng) for _ in range(config.sampling.batch_size)]
         prompts, metadata = [p for p, _ in drawn], [m for _, m in drawn]
         noise = generator(config.seed, epoch, b, 13, *rank_key, device=_generator_device(run))
-        record, images = rollout_batch(
-            pipe=run.pipe, transformer=run.transformer, vae=run.vae, reward_fn=run.reward_fn,
-            reward_grad=run.reward_grad, prompts=prompts, metadata=metadata, sigmas=run.sigmas,
-            timesteps=run.timesteps, guidance_scale=config.sampling.guidance_scale, generator=noise,
-            device=dist.device, weight_dtype=run.dtype, keep_velocities=config.model.unet_reg_scale > 0,
-            terminal_gradient=config.training.use_saved_rgrad_x1, leaf_dtype=run.algorithm.leaf_dtype,
-            timer=run.timer)
+        try:
+            record, images = rollout_batch(
+                pipe=run.pipe, transformer=run.transformer, vae=run.vae, reward_fn=run.reward_fn,
+                reward_grad=run.reward_grad, prompts=prompts, metadata=metadata, sigmas=run.sigmas,
+                timesteps=run.timesteps, guidance_scale=config.sampling.guidance_scale, generator=noise,
+                device=dist.device, weight_dtype=run.dtype, keep_velocities=config.model.unet_reg_scale > 0,
+                terminal_gradient=config.training.use_saved_rgrad_x1, leaf_dtype=run.algorithm.leaf_dtype,
+                timer=run.timer)
+        except NonFiniteRollout:
+            raise DivergenceError(
+                f"training diverged at epoch {epoch + 1} (sampling): the policy after step {run.global_step} produces "
+                f"non-finite latents; last checkpoint: {run.last_checkpoint or 'none saved yet'}; lower training.lr "
+                "and resume from an earlier checkpoint") from None
         batches.append(record)
         last_images = (images, prompts, record["rewards"])
     samples = concatenate(batches)
@@ -509,6 +515,11 @@ def evaluate(run: Run) -> dict:
         z0 = initial_noise(len(prompts), run.transformer, noise, dist.device, run.dtype)
         latents, _ = sample_ode(run.transformer, z0, text, pooled_both, run.sigmas, run.timesteps,
                                 config.sampling.guidance_scale)
+        if not bool(torch.isfinite(latents[:, -1]).all()):
+            raise DivergenceError(
+                f"training diverged by epoch {run.epoch} (evaluation): the policy after step {run.global_step} "
+                f"produces non-finite latents; last checkpoint: {run.last_checkpoint or 'none saved yet'}; lower "
+                "training.lr and resume from an earlier checkpoint")
         images = decode_images(vae, latents[:, -1])
         rewards, _ = run.reward_fn(images, prompts, metadata)
         sums[0] += rewards.double().sum()
