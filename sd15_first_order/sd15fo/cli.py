@@ -39,8 +39,8 @@ def common_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO if _is_main() else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("sd15fo").setLevel(logging.INFO if _is_main() else logging.WARNING)
     for name in ("diffusers", "transformers"):
         try:
             module = __import__(f"{name}.utils.logging", fromlist=["disable_progress_bar"])
@@ -69,17 +69,18 @@ def train_main(argv=None) -> None:
     parser.add_argument("--run-name", help="run_name: the run folder's name (default resnabladb-db_<reward>_<time>)")
     parser.add_argument("--resume", help="model.resume_from_checkpoint: a checkpoint-<n> folder or a run folder")
     args = parser.parse_args(argv)
+    try:
+        loaded = load_config(args)  # torch-free: a bad value is reported in a blink
+    except ConfigError as error:
+        fail(str(error))
     setup_logging()
-    from .trainer import DivergenceError
+    from . import distributed, trainer
 
     procs = None
     try:
-        loaded = load_config(args)
-        from . import distributed, trainer
-
         procs = distributed.start(loaded.values["device"])
         trainer.train(loaded, procs)
-    except (ConfigError, DivergenceError) as error:
+    except (ConfigError, trainer.DivergenceError) as error:
         fail(str(error))
     finally:
         if procs is not None:

@@ -365,7 +365,8 @@ def cross_checks(values: dict) -> None:
               f"into micro-batches of train.batch_size={train['batch_size']}")
     if per_rank % micro:
         micro_batches = per_rank // train["batch_size"]
-        fits = max(d for d in range(1, micro_batches + 1) if micro_batches % d == 0 and d <= train["gradient_accumulation_steps"])
+        wanted = train["gradient_accumulation_steps"]
+        fits = min((d for d in range(1, micro_batches + 1) if micro_batches % d == 0), key=lambda d: (abs(d - wanted), d))
         _fail(f"sample.batch_size x sample.num_batches_per_epoch = {per_rank} trajectories per process are "
               f"{micro_batches} micro-batches of train.batch_size={train['batch_size']}, not a whole number of "
               f"optimizer steps of train.gradient_accumulation_steps={train['gradient_accumulation_steps']}; e.g. "
@@ -445,14 +446,15 @@ def load(config_path: Optional[str] = None, overrides: Optional[list] = None, *,
 
 TINY_VALUES = {
     # the same run on the tiny kit: 64 px SD1.5 in miniature, the tiny differentiable HPS, the kit's prompt
-    # sets; fp32 on a CPU; per process 2 x 2 trajectories an epoch in micro-batches of 1, two optimizer steps
-    # an epoch as the paper (GA 2 instead of 32), two epochs; evaluation of 2 prompts at 10 steps.
+    # sets; fp32 on a CPU; per process 2 trajectories an epoch (2 batches of 1), two optimizer steps an epoch as
+    # the paper (GA 1 instead of 32), each over the trajectory's K = 11 transitions of the 50 sampling steps;
+    # two epochs; evaluation of 2 prompts at 10 steps.
     "mixed_precision": "no",
     "allow_tf32": False,
-    "sample.batch_size": 2,
+    "sample.batch_size": 1,
     "sample.num_batches_per_epoch": 2,
     "train.batch_size": 1,
-    "train.gradient_accumulation_steps": 2,
+    "train.gradient_accumulation_steps": 1,
     "train.max_epochs": 2,
     "eval.batch_size": 2,
     "eval.num_batches": 1,

@@ -264,68 +264,100 @@ def sample_epoch(run: Run, epoch: int) -> dict:
 
 # ------------------------------------------------------------------------------------------------ phase 2: update
 
+@dataclass
+class UpdateModes:
+    """The loss settings of an update, parsed once (spec §5.4 step 0)."""
+    strength: object  # a number, or "sigma"
+    reward: str
+    strength_scale: float  # a
+    reward_scale_sigma: float  # b
+    stride: int  # T // N: t' of a trained transition (the scheduler's stride, passed explicitly)
+
+    @classmethod
+    def of(cls, config: dict, num_train_timesteps: int) -> "UpdateModes":
+        train = config["train"]
+        return cls(parse_strength(train["pretrained_strength"]), parse_reward_mode(train["reward_adaptive_mode"]),
+                   train["pretrained_strength_sigma_scale"], train["reward_adaptive_sigma_scale"],
+                   num_train_timesteps // config["sample"]["num_steps"])
+
+
+def transition_loss(run: Run, modes: UpdateModes, mb: dict, j: int, embeds: torch.Tensor, helper,
+                    cache: dict, sync: bool = True):
+    """The loss of transition column j of micro-batch `mb` (spec §5.4 step 3): reward guidance g (Ψ from the
+    terminal sample, once per micro-batch when train.cache_z0_reward_grad, or through the lookahead), the
+    reference ε (adapter off, no graph), the policy ε through the (DDP) policy, and the residual ∇-DB loss.
+    `embeds` [2B, 77, D] = [negatives; prompts]; `helper` the micro-batch's helper schedule; `cache` a dict
+    living as long as the micro-batch. `sync` False runs the policy forward under DDP's no_sync."""
+    config, models = run.config, run.models
+    train, sample = config["train"], config["sample"]
+    x, x_next = mb["latents"][:, j], mb["next_latents"][:, j]  # [B, C, h, w]
+    t = mb["timesteps"][:, j]  # [B]
+    sigma = helper.sigmas[:, j]  # [B, 1, 1, 1] σ'_t
+    k = strength(modes.strength, modes.strength_scale, sigma)
+
+    started = time.time()
+    if train["use_z0"]:
+        if "psi" not in cache or not train["cache_z0_reward_grad"]:
+            cache["psi"] = terminal_gradient(run.reward, models.vae, mb["z0"], mb["prompts"], mb["prompt_metadata"])[0]
+        psi = cache["psi"]
+    else:
+        psi = lookahead_gradient(run.reward, models.vae, run.unet, models.alphas_cumprod, x_next,
+                                 (t - modes.stride).clamp(min=0), embeds, sample["cfg_scale"], mb["prompts"],
+                                 mb["prompt_metadata"])[0]
+    g = guidance(psi, train["reward_scale"], modes.reward, alpha_bar_next(models.alphas_cumprod, t, psi, modes.stride),
+                 sigma, modes.reward_scale_sigma)
+    _timed(run, "reward_grad_time_per_epoch", started)
+
+    with torch.no_grad(), reference_mode(run.unet):
+        eps_ref = cfg_eps(run.unet, x, t, embeds, sample["cfg_scale"])
+    with distributed.maybe_no_sync(run.policy, sync):
+        eps_theta = cfg_eps(run.policy, x, t, embeds, sample["cfg_scale"])
+    return residual_nabla_db_loss(
+        eps_theta, eps_ref, mb["noise_preds"][:, j], x, x_next, t, g, k, alphas_cumprod=models.alphas_cumprod,
+        eta=sample["eta"], num_train_timesteps=models.num_train_timesteps, num_inference_steps=sample["num_steps"],
+        kl_weight=helper.weights[:, j], forward_loss_scale=train["forward_loss_scale"],
+        unet_reg_scale=train["unet_reg_scale"], normalize_reg=train["normalize_unet_reg_by_one_minus_alpha_bar_t"])
+
+
+def training_batches(run: Run, samples: dict, epoch: int, inner: int):
+    """(micro-batches, helper stride) of one inner epoch: a fresh shuffle from the (seed, epoch, rank, inner)
+    generator, the first K columns of each trajectory's row (spec §5.2)."""
+    config, train = run.config, run.config["train"]
+    keys = ("prompts", "prompt_metadata", "prompt_embeds", "timesteps", "latents", "noise_preds") + \
+        (("z0",) if train["use_z0"] else ())
+    generator = torch.Generator().manual_seed(seed_mix(config["seed"], SALT_SHUFFLE, epoch, run.procs.rank, inner))
+    batches, columns = shuffle_and_batch({key: samples[key] for key in keys}, batch_size=train["batch_size"],
+                                         num_steps=config["sample"]["num_steps"],
+                                         timestep_fraction=train["timestep_fraction"],
+                                         low_var=train["low_var_subsampling"], generator=generator,
+                                         dedupe_final=not config["parity"], keep_columns=run.num_train_timesteps)
+    stride = helper_stride(columns.shape[1], run.models.num_train_timesteps, config["sample"]["num_steps"],
+                           legacy=config["parity"])
+    return batches, stride
+
+
 def policy_update(run: Run, samples: dict, epoch: int) -> None:
     """Train on the epoch's samples (spec §5.4): per inner epoch a fresh shuffle; per micro-batch of
     train.batch_size trajectories its K transitions, one backward each of L / (GA·K); an optimizer step after
     every train.gradient_accumulation_steps micro-batches, gradients averaged over processes then."""
-    config, models = run.config, run.models
-    train, sample = config["train"], config["sample"]
-    strength_mode = parse_strength(train["pretrained_strength"])
-    reward_mode = parse_reward_mode(train["reward_adaptive_mode"])
-    a, b = train["pretrained_strength_sigma_scale"], train["reward_adaptive_sigma_scale"]
+    train = run.config["train"]
     ga, k_steps = train["gradient_accumulation_steps"], run.num_train_timesteps
-    n_steps, n_train = sample["num_steps"], models.num_train_timesteps
-    stride = n_train // n_steps  # t' of the trained transition (the scheduler's stride, passed explicitly)
-    trained = {key: samples[key] for key in ("prompts", "prompt_metadata", "prompt_embeds", "timesteps", "latents",
-                                             "noise_preds") + (("z0",) if train["use_z0"] else ())}
+    modes = UpdateModes.of(run.config, run.models.num_train_timesteps)
     hook = _grad_hook(run)
     try:
         for inner in range(train["num_inner_epochs"]):
-            generator = torch.Generator().manual_seed(seed_mix(config["seed"], SALT_SHUFFLE, epoch, run.procs.rank, inner))
-            batches, columns = shuffle_and_batch(trained, batch_size=train["batch_size"], num_steps=n_steps,
-                                                 timestep_fraction=train["timestep_fraction"],
-                                                 low_var=train["low_var_subsampling"], generator=generator,
-                                                 dedupe_final=not config["parity"], keep_columns=k_steps)
-            helper_step = helper_stride(columns.shape[1], n_train, n_steps, legacy=config["parity"])
+            batches, helper_step = training_batches(run, samples, epoch, inner)
             run.unet.train()
             window = []
             for i, mb in enumerate(progress(run, batches, f"epoch {epoch + 1} training")):
                 batch = mb["timesteps"].shape[0]
                 embeds = torch.cat([run.negative.expand(batch, -1, -1), mb["prompt_embeds"]])  # [2B, 77, D]
-                helper = helper_schedule(models.alphas_cumprod, mb["timesteps"], helper_step)  # [B, K, 1, 1, 1] each
-                cached_psi = None
+                helper = helper_schedule(run.models.alphas_cumprod, mb["timesteps"], helper_step)  # [B, K, 1, 1, 1]
+                cache = {}
                 for j in range(k_steps):
                     sync = (i + 1) % ga == 0 and j == k_steps - 1  # the window's last backward averages gradients
-                    x, x_next = mb["latents"][:, j], mb["next_latents"][:, j]  # [B, C, h, w]
-                    t = mb["timesteps"][:, j]  # [B]
-                    sigma = helper.sigmas[:, j]  # [B, 1, 1, 1] σ'_t
-                    k = strength(strength_mode, a, sigma)
-                    t_next = (t - stride).clamp(min=0)
-
-                    started = time.time()
-                    if train["use_z0"]:
-                        if cached_psi is None or not train["cache_z0_reward_grad"]:
-                            cached_psi = terminal_gradient(run.reward, models.vae, mb["z0"], mb["prompts"],
-                                                           mb["prompt_metadata"])[0]
-                        psi = cached_psi
-                    else:
-                        psi = lookahead_gradient(run.reward, models.vae, run.unet, models.alphas_cumprod, x_next,
-                                                 t_next, embeds, sample["cfg_scale"], mb["prompts"],
-                                                 mb["prompt_metadata"])[0]
-                    g = guidance(psi, train["reward_scale"], reward_mode,
-                                 alpha_bar_next(models.alphas_cumprod, t, psi, stride), sigma, b)
-                    _timed(run, "reward_grad_time_per_epoch", started)
-
-                    with torch.no_grad(), reference_mode(run.unet):
-                        eps_ref = cfg_eps(run.unet, x, t, embeds, sample["cfg_scale"])
+                    out = transition_loss(run, modes, mb, j, embeds, helper, cache, sync)
                     with distributed.maybe_no_sync(run.policy, sync):
-                        eps_theta = cfg_eps(run.policy, x, t, embeds, sample["cfg_scale"])
-                        out = residual_nabla_db_loss(
-                            eps_theta, eps_ref, mb["noise_preds"][:, j], x, x_next, t, g, k,
-                            alphas_cumprod=models.alphas_cumprod, eta=sample["eta"], num_train_timesteps=n_train,
-                            num_inference_steps=n_steps, kl_weight=helper.weights[:, j],
-                            forward_loss_scale=train["forward_loss_scale"], unet_reg_scale=train["unet_reg_scale"],
-                            normalize_reg=train["normalize_unet_reg_by_one_minus_alpha_bar_t"])
                         scaled = out.loss / (ga * k_steps)
                         (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
                     window.append(out.stats)

@@ -10,3 +10,58 @@ def one_cpu_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+PAPER = {"pruned": "config/simple_res-nabladb_sd_hps.yaml", "ours": "config/simple_res-nabladb_sd_hps_usez0_basesnr.yaml"}
+
+
+class RecordingLogger:
+    """Stands in for MetricLogger: keeps the records."""
+
+    def __init__(self):
+        self.records, self.lines = [], 0
+
+    def log(self, record, step, kind="step"):
+        self.records.append({"kind": kind, "step": step, **record})
+        self.lines += 1
+
+    def log_images(self, *args, **kwargs):
+        return None
+
+    def finish(self):
+        pass
+
+
+def tiny_values(which="ours", overrides=(), tmp_path=None):
+    """The paper config `which` on the tiny kit (as --tiny builds it), with `--set` overrides."""
+    from sd15fo import config
+
+    extra = [f"logging_dir={tmp_path}"] if tmp_path is not None else []
+    return config.load(PAPER[which], list(overrides) + extra, tiny=True).values
+
+
+def build_run(values, tmp_path, reward=None):
+    """A trainer Run on the tiny kit without a run folder: models + LoRA (seeded), optimizer, scaler, reward,
+    prompts and a recording logger. `reward` replaces the config's reward when given."""
+    from sd15fo import distributed, trainer
+    from sd15fo.models import add_lora, load_models
+    from sd15fo.prompts import PromptSource
+    from sd15fo.rewards import load as load_reward
+    from sd15fo.sampling import encode_prompts
+    from sd15fo.subsampling import num_train_timesteps
+
+    procs = distributed.Processes()
+    models = load_models(values, procs.device)
+    torch.manual_seed(values["seed"])
+    params = add_lora(models.unet, values["model"]["lora_rank"], values["model"]["lora_alpha"], False)
+    optimizer = trainer.make_optimizer(values, params)
+    with torch.no_grad():
+        negative = encode_prompts(models.tokenizer, models.text_encoder, [""], procs.device)
+    sample, train = values["sample"], values["train"]
+    per_rank = sample["batch_size"] * sample["num_batches_per_epoch"]
+    return trainer.Run(values, "test", procs, models, models.unet, params, optimizer,
+                       trainer.make_scaler(values, procs.device),
+                       reward or load_reward(values["reward_fn"], values["reward_fn_kwargs"], procs.device),
+                       PromptSource(values["data_dir"]), negative, str(tmp_path), RecordingLogger(),
+                       num_train_timesteps(sample["num_steps"], train["timestep_fraction"]),
+                       per_rank // (train["batch_size"] * train["gradient_accumulation_steps"]))
