@@ -125,13 +125,16 @@ def all_finite(tensors) -> bool:
 
 
 def save_lora(unet, directory: str) -> None:
-    """The UNet's LoRA in diffusers' layout, with its adapter config in the file's metadata."""
+    """The UNet's LoRA in diffusers' layout. alpha = r, which is what `load_lora_weights` assumes without adapter
+    metadata, so none is written (its key order is not reproducible: two identical runs would differ in bytes)."""
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 
+    config = unet.peft_config["default"]
+    if config.lora_alpha != config.r:
+        raise ValueError(f"lora_alpha={config.lora_alpha} != r={config.r}: diffusers would load it at another strength")
     lora = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
-    StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=lora,
-                                              unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+    StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=lora)
 
 
 def save(run_dir: str, epoch: int, write_weights: Callable[[str], None], state: dict, limit: Optional[int]) -> str:
