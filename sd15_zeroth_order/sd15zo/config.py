@@ -153,7 +153,7 @@ KEYS: dict[str, Key] = {
                             doc="prompt groups by the CLIP-decoded text (upstream) or the exact prompt"),
     "efficient_rollout": Key(True, "bool", R, doc="one UNet call per distinct root state; false: upstream's calls"),
     "train_approx_kl": Key("first_microbatch", "choice",
-                           choices=("every_microbatch", "first_microbatch", "off"),
+                           choices=("every_microbatch", "first_microbatch", "never"),
                            doc="reference forwards for the logged approx_kl (upstream: every_microbatch)"),
     "nan_policy": Key("stop", "choice", choices=("stop", "skip")),
     "num_checkpoint_limit": Key(5, "opt_int", doc="newest checkpoints kept; null: all"),
@@ -210,23 +210,25 @@ def _fail(message: str):
     raise ConfigError(message)
 
 
-def read_yaml(path: str) -> dict:
-    """A config file as a dict (PyYAML safe loader); one-line errors for a missing, unparsable or non-mapping file."""
+def read_yaml(path: str, shown: Optional[str] = None) -> dict:
+    """A config file as a dict (PyYAML safe loader); one-line errors for a missing, unparsable or non-mapping file
+    (naming it as `shown`, what the user typed)."""
     import yaml
 
+    shown = shown or path
     if not os.path.isfile(path):
-        _fail(f"--config {path!r}: no such file (presets: {', '.join(PRESETS.values())})")
+        _fail(f"--config {shown!r}: no such file (presets: {', '.join(PRESETS.values())})")
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
     except yaml.YAMLError as error:
         where = getattr(error, "problem_mark", None)
         line = f" line {where.line + 1}" if where is not None else ""
-        _fail(f"--config {path!r}:{line} is not valid YAML ({getattr(error, 'problem', None) or error})")
+        _fail(f"--config {shown!r}:{line} is not valid YAML ({getattr(error, 'problem', None) or error})")
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        _fail(f"--config {path!r}: expected a mapping of keys to values, got {type(data).__name__}")
+        _fail(f"--config {shown!r}: expected a mapping of keys to values, got {type(data).__name__}")
     return data
 
 
@@ -325,7 +327,7 @@ def load_config(trainer: str, config_path: Optional[str] = None, sets=(), *, tin
         raise ValueError(trainer)
     cwd = cwd or os.getcwd()
     path = _absolute(config_path, cwd) if config_path else os.path.join(COMPONENT_ROOT, PRESETS[trainer])
-    raw = read_yaml(path)
+    raw = read_yaml(path, config_path)
     sources = [(raw, COMPONENT_ROOT, f"--config {config_path or PRESETS[trainer]}")]
     if tiny:
         sources.append((tiny_overrides(trainer), COMPONENT_ROOT, "--tiny"))

@@ -21,6 +21,7 @@ def build_reward(config, device):
     """The shared_rewards reward of `reward_fn` (a name, or {name: weight}) with `reward_options`; one
     ConfigError line when its weights or options are wrong."""
     from shared_rewards import load_reward
+    from shared_rewards.weights import RewardWeightsError
 
     spec = config.reward_fn
     try:
@@ -33,7 +34,7 @@ def build_reward(config, device):
             weights[name] = float(weight)
             options[name] = {**preset, **config.reward_options.get(upstream_name, {})}
         return load_reward(weights, device=device, **options)
-    except (ValueError, OSError) as error:  # RewardWeightsError, unknown options, hub errors
+    except (ValueError, OSError, RewardWeightsError) as error:  # weights, unknown options, hub errors
         reason = " ".join(str(error).split())[:400]
         raise ConfigError(f"reward_fn={spec!r}: cannot build the reward: {reason} (weights and options: "
                           "reward_options, e.g. --set reward_options.weights=/path)") from None
