@@ -172,6 +172,14 @@ class VGGFlow:
         residual = (terms["delta_t"].float() - terms["f1"] - terms["f2"]) / self.beta
         return residual.pow(2).mean()
 
+    def _direction(self, v, eps):
+        """(perturbation, factor): upstream's `eps v` and 1; fp32: `eps v/|v|` per sample and |v|, so the quotient
+        times the factor is the same directional derivative with a perturbation far above rounding."""
+        if self.fd == "bf16":
+            return v * eps, 1.0
+        norm = v.flatten(1).norm(dim=1).view(-1, *([1] * (v.dim() - 1))).float()
+        return v / norm.clamp(min=1e-30) * eps, norm
+
     def consistency_terms(self, b: StepBatch, sigma, nu, grad_v, v_ref, tau) -> dict:
         """The three finite differences of the consistency loss: the time derivative of nabla V (Δ_t), the
         reference velocity's derivative along nabla V (F1) and beta nabla V's along R / beta + nabla V (F2)."""
@@ -199,16 +207,20 @@ class VGGFlow:
         grad_v_prev = nu_prev / beta - eta(sigma_prev, self.eta_mode) * g_prev.float()
         delta_t = (grad_v_prev - grad_v) / step_t
 
-        # F1: (R(x + eps nabla V) - R(x)) / eps, with graph into nabla V (hence the value net)
+        # F1: (R(x + eps nabla V) - R(x)) / eps, with graph into nabla V (hence the value net). fp32: along the unit
+        # direction times |nabla V| (the same derivative; |nabla V| ~ 1e-6 at paper scales would put x + eps nabla V
+        # within rounding of x)
+        step_1, scale_1 = self._direction(grad_v, eps_x)
         with self._autocast(device):
-            r_plus = self.velocity.reference_with_graph(x + grad_v * eps_x, b.s, b.text, b.pooled)
-        f1 = (r_plus.float() - v_ref.float()) / eps_x
+            r_plus = self.velocity.reference_with_graph(x + step_1, b.s, b.text, b.pooled)
+        f1 = (r_plus.float() - v_ref.float()) / eps_x * scale_1
 
         # F2: (beta nabla V(x + eps d) - beta nabla V(x)) / eps along d = R/beta + nabla V
         direction = v_ref / beta + grad_v
         if self.detach_dir:
             direction = direction.detach()
-        x_p = (x + direction * eps_x).detach().requires_grad_(True)
+        step_2, scale_2 = self._direction(direction, eps_x)
+        x_p = (x + step_2).detach().requires_grad_(True)
         with self._autocast(device):
             nu_p = self.value_net(x_p, b.s, b.text, b.pooled)
         with torch.enable_grad(), self._autocast(device):
@@ -219,5 +231,5 @@ class VGGFlow:
         with self.timer("reward_grad"):
             g_p = self.reward_grad(y_p, x_p, b.prompts, b.metadata, tau, retain_graph=False).grad
         scaled_p = nu_p.float() - eta_sigma * beta * g_p
-        f2 = (scaled_p - grad_v.float() * beta) / eps_x
+        f2 = (scaled_p - grad_v.float() * beta) / eps_x * scale_2
         return {"delta_t": delta_t, "f1": f1, "f2": f2}

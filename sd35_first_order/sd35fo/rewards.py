@@ -15,10 +15,11 @@ class RewardLoadError(ValueError):
 def build_reward(reward_fn: str, options: dict, device):
     import torch
     from shared_rewards import load_reward
+    from shared_rewards.weights import RewardWeightsError
 
     try:
         reward = load_reward(SHARED_NAME[reward_fn], device=device, dtype=torch.float32, **dict(options))
-    except (ValueError, OSError) as error:  # RewardWeightsError and unknown options are ValueErrors
+    except (ValueError, OSError, RewardWeightsError) as error:  # bad options, unreadable or missing weights
         reason = " ".join(str(error).split())[:400]
         raise RewardLoadError(f"experiment.reward_fn={reward_fn!r} with experiment.reward_options={dict(options)!r}: "
                               f"{reason}") from None

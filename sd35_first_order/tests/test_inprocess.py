@@ -1,0 +1,189 @@
+"""Spec §12's invariants on the real architectures (the kit's tiny SD3.5 MMDiT-X with its dual-attention layer, tiny
+TAESD3, tiny HPSv2): runs built in this process by the trainer's own `setup` (tiny config, CPU, fp32)."""
+import copy
+
+import pytest
+import torch
+from helpers import paper_config
+
+from sd35fo import trainer
+from sd35fo.algorithm import StepBatch, eta
+from sd35fo.distributed import Dist
+from sd35fo.guidance import adapters_disabled
+from sd35fo.value_net import ValueNet, build as build_value_net
+
+
+def make_run(tmp_path, **overrides):
+    return trainer.setup(paper_config(saving__output_dir=str(tmp_path), **overrides), Dist())
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory, one_cpu_thread):
+    """A pruned-baseline run straight after set-up (the LoRA at its initialisation) and one rollout of it."""
+    run = make_run(tmp_path_factory.mktemp("fresh"), name="hpsv2_geneval", exp_name="PRUNED")
+    samples = trainer.sample_epoch(run, 0)
+    return run, samples
+
+
+class moved_adapter:
+    """The policy LoRA moved by seeded noise for the duration (so policy and reference differ), restored exactly."""
+
+    def __init__(self, run, scale=0.05):
+        self.run, self.scale = run, scale
+
+    def __enter__(self):
+        self.saved = [p.detach().clone() for p in self.run.policy_params]
+        with torch.no_grad():
+            for i, p in enumerate(self.run.policy_params):
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * self.scale)
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for p, saved in zip(self.run.policy_params, self.saved):
+                p.copy_(saved)
+
+
+def _column(run, samples, k):
+    text = torch.cat([samples["negative_prompt_embeds"], samples["prompt_embeds"]])
+    pooled = torch.cat([samples["negative_pooled_prompt_embeds"], samples["pooled_prompt_embeds"]])
+    return StepBatch(samples["latents"][:, k], samples["timesteps"][:, k], samples["step_index"][:, k], text, pooled,
+                     samples["prompts"], samples["prompt_metadata"], samples["rewards"])
+
+
+def test_4_at_initialisation_the_policy_is_the_reference_and_the_loss_is_the_guidance_alone(fresh):
+    run, samples = fresh
+    b = _column(run, samples, 5)
+    sigma = run.sigmas[b.step].view(-1, 1, 1, 1)
+    v, g, _, _ = run.algorithm.reward_guidance(b, sigma, 1.0)
+    v_ref = run.algorithm.velocity.reference(b.x, b.s, b.text, b.pooled)
+    assert torch.equal(v.detach(), v_ref)  # LoRA B = 0
+    loss, stats = run.algorithm.step(b, 1.0)
+    assert stats["transition_drift"].item() == 0.0
+    expected = (eta(sigma, "quad") * run.algorithm.beta * g).pow(2).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_5_the_reference_pass_leaves_the_policy_adapter_active_trainable_and_unchanged(fresh):
+    run, samples = fresh
+    b = _column(run, samples, 3)
+    velocity = run.algorithm.velocity
+    with moved_adapter(run):
+        before = velocity.policy(b.x, b.s, b.text, b.pooled).detach()
+        reference = velocity.reference(b.x, b.s, b.text, b.pooled)
+        assert reference.grad_fn is None and not reference.requires_grad
+        after = velocity.policy(b.x, b.s, b.text, b.pooled)
+        assert torch.equal(before, after.detach()) and not torch.equal(before, reference)
+        assert after.requires_grad and all(p.requires_grad for p in run.policy_params)
+        with adapters_disabled(run.transformer):
+            assert not any(p.requires_grad for p in run.policy_params)
+        assert all(p.requires_grad for p in run.policy_params)
+
+
+def test_6_the_optimizer_trains_exactly_the_lora_weights_in_fp32_and_leaves_the_base_unchanged(fresh, tmp_path):
+    run, samples = fresh
+    names = [n for n, p in run.transformer.named_parameters() if p.requires_grad]
+    adapted = {n.split(".lora_")[0] for n in names}
+    linears = [n for n, m in run.transformer.named_modules() if n.endswith((".to_q", ".to_k", ".to_v", ".to_out.0"))
+               and hasattr(m, "lora_A")]
+    assert len(names) == 2 * len(linears) == len(run.optimizer.param_groups[0]["params"])
+    assert {n.split(".")[-1] for n in linears} == {"to_q", "to_k", "to_v", "0"} and any(".attn2." in n for n in linears)
+    assert all(".lora_A." in n or ".lora_B." in n for n in names) and len(adapted) == len(linears)
+    assert all(p.dtype == torch.float32 for p in run.policy_params)
+    base = {n: p.detach().clone() for n, p in run.transformer.named_parameters() if "lora_" not in n}
+    other = make_run(tmp_path, name="hpsv2_geneval", exp_name="STEP")
+    trainer.train_epoch(other, trainer.sample_epoch(other, 0), 0)
+    assert other.global_step == 1
+    after = {n: p for n, p in other.transformer.named_parameters() if "lora_" not in n}
+    assert all(torch.equal(base[n], after[n]) for n in base)
+    assert any(not torch.equal(a, b) for a, b in zip(run.policy_params, other.policy_params))
+
+
+def test_18_tau_is_one_at_each_epoch_start_unless_the_fix_carries_it(tmp_path):
+    for reset in (True, False):
+        run = make_run(tmp_path / str(reset), exp_name=f"TAU{reset}", quirks__reset_threshold_each_epoch=reset,
+                       quirks__single_rank_quantile=reset)
+        taus = []
+        for epoch in range(2):
+            trainer.train_one_epoch(run, epoch)
+            taus.append((run.epoch_info["tau"], run.step_records[-1]["rgrad_08quantile"]))
+            run.epoch += 1
+        assert taus[0][0] == 1.0
+        assert taus[1][0] == (1.0 if reset else taus[0][1])
+
+
+def test_19_value_net_lora_mode_trains_only_its_adapter_and_the_scaled_projection(fresh):
+    run, samples = fresh
+    base = copy.deepcopy(run.transformer)
+    with adapters_disabled(base):
+        original = base.proj_out.weight.detach().clone()
+    base.delete_adapters("default")
+    config = run.config
+    net = build_value_net("lora", base, config, "cpu", torch.float32)
+    trainable = [n for n, p in net.named_parameters() if p.requires_grad]
+    assert "proj_out.weight" in trainable and "proj_out.bias" not in trainable
+    assert all(n == "proj_out.weight" or ".default_value." in n for n in trainable)
+    torch.testing.assert_close(net.proj_out.weight, original * 1e-5)
+    value = ValueNet(net, "lora", negative_embeds=True)
+    b = _column(run, samples, 2)
+    nu = value(b.x, b.s, b.text, b.pooled)
+    assert nu.shape == b.x.shape
+    positive = ValueNet(net, "lora", negative_embeds=False)(b.x, b.s, b.text, b.pooled)
+    assert not torch.equal(nu, positive)  # N6: the faithful default sees the empty prompt's rows
+    copy_net = build_value_net("copy", base, config, "cpu", torch.float32)
+    assert [n for n, p in copy_net.named_parameters() if p.requires_grad] == ["proj_out.weight"]  # C2 fixed
+
+
+def test_19_the_terminal_loss_counts_only_samples_at_the_last_step(fresh):
+    run, samples = fresh
+    calls = []
+
+    def constant_value(x, s, text, pooled):
+        calls.append(s)
+        return torch.full_like(x, 0.5, dtype=torch.float32)
+
+    algorithm = copy.copy(run.algorithm)
+    algorithm.value_net = constant_value
+    algorithm.consistency_loss = lambda *a, **k: torch.zeros(())
+    b = _column(run, samples, 5)
+    _, stats = algorithm.step(b, 1.0)
+    assert stats["loss_terminal"].item() == 0.0
+    last = len(run.timesteps) - 1
+    b = _column(run, samples, last)
+    b.s = torch.stack([run.timesteps[last], run.timesteps[3]])  # one terminal sample, one not
+    _, stats = algorithm.step(b, 1.0)
+    assert stats["loss_terminal"].item() == pytest.approx(0.25 / (1 + 1e-6), rel=1e-6)
+
+
+def test_22_the_saved_lora_reproduces_the_policy_in_a_fresh_pipeline(fresh, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+    from safetensors.torch import load_file
+
+    from sd35fo.checkpoints import save_lora
+    from sd35fo.guidance import transformer_velocity
+
+    run, samples = fresh
+    with moved_adapter(run):
+        save_lora(run.transformer, str(tmp_path / "lora"))
+        saved = load_file(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"))
+        assert len(saved) == len(run.policy_params) and all("lora_" in k for k in saved)
+        b = _column(run, samples, 4)
+        with torch.no_grad():
+            ours = transformer_velocity(run.transformer, b.x, b.s, b.text, b.pooled, 5.0)
+            pipe = StableDiffusion3Pipeline.from_pretrained(run.config.pretrained.model)
+            pipe.load_lora_weights(str(tmp_path / "lora"))
+            theirs = transformer_velocity(pipe.transformer, b.x, b.s, b.text, b.pooled, 5.0)
+        assert torch.equal(ours, theirs)
+
+
+def test_26_same_seed_same_world_size_gives_the_same_epoch_and_faithful_seeding_repeats_ranks(fresh, tmp_path):
+    run, samples = fresh
+    again = trainer.sample_epoch(run, 0)
+    assert again["prompts"] == samples["prompts"] and torch.equal(again["latents"], samples["latents"])
+    other_rank = copy.copy(run)
+    other_rank.dist = Dist(rank=1)
+    assert torch.equal(trainer.sample_epoch(other_rank, 0)["latents"][:, 0], samples["latents"][:, 0])  # N1
+    per_rank = make_run(tmp_path, name="hpsv2_geneval", exp_name="PER_RANK", quirks__same_seed_all_ranks=False)
+    rank0 = trainer.sample_epoch(per_rank, 0)
+    per_rank.dist = Dist(rank=1)
+    rank1 = trainer.sample_epoch(per_rank, 0)
+    assert not torch.equal(rank0["latents"][:, 0], rank1["latents"][:, 0])
