@@ -31,19 +31,18 @@ import numpy as np
 import torch
 
 from . import checkpoints, config_check, preflight, run_folder
-from .algorithm import StepBatch, VGGFlow, transition_drift
+from .algorithm import StepBatch, VGGFlow
 from .batching import micro_batches, shuffle, subsample, train_step_columns
-from .decode import decode_images
+from .evaluation import score_items
 from .guidance import GuidedVelocity
 from .metrics import aggregate, norm_records
 from .reward_grad import RewardGrad
 from .rewards import RewardLoadError, build_reward
-from .rollout import NonFiniteRollout, concatenate, encode_prompts, initial_noise, rollout_batch, sample_ode
-from .schedule import next_sigma_of_steps, scheduler_schedule, sigma_of_steps
+from .rollout import NonFiniteRollout, concatenate, rollout_batch
+from .schedule import scheduler_schedule
 from .value_net import LORA_TARGETS, ValueNet, build as build_value_net, lora_config
 
 logger = logging.getLogger("sd35fo.trainer")
-EVAL_SEED_OFFSET = 1_000_003  # evaluation noise keys, far from the training ones
 
 
 class DivergenceError(RuntimeError):
@@ -497,41 +496,26 @@ def optimizer_step(run: Run, window: list, epoch: int) -> None:
 @torch.no_grad()
 def evaluate(run: Run) -> dict:
     """Spec §9.6 with C6/I11 fixed: this process's strided share of the evaluation prompts in batches of
-    `sampling.batch_size`, seeded by item (the training draws are untouched), the current policy, CFG, N steps;
-    the reward of the decode (TAESD3, or the full SD3 VAE with eval.decoder='vae') and the transition drift of the
-    evaluation trajectories. Sums are reduced over processes once, at the end."""
+    `sampling.batch_size`, the noise seeded by item (the training draws are untouched), the current policy, CFG, N
+    steps; the reward of the decode (TAESD3, or the full SD3 VAE with eval.decoder='vae') and the transition drift
+    of the evaluation trajectories. No collective inside the loop (uneven shares cannot hang); one sum at the end."""
     config, dist = run.config, run.dist
-    mine = list(range(dist.rank, len(run.eval_items), dist.world_size))
-    vae = run.eval_vae if run.eval_vae is not None else run.vae
-    run.transformer.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=dist.device)  # reward sum, count, drift sum, count
-    for start in progress(run, range(0, len(mine), config.sampling.batch_size), "evaluation"):
-        indices = mine[start:start + config.sampling.batch_size]
-        prompts = [run.eval_items[i][0] for i in indices]
-        metadata = [dict(run.eval_items[i][1]) for i in indices]
-        positive, negative, pooled, negative_pooled = encode_prompts(run.pipe, prompts, dist.device)
-        text, pooled_both = torch.cat([negative, positive]), torch.cat([negative_pooled, pooled])
-        noise = generator(config.seed, EVAL_SEED_OFFSET, indices[0], device=_generator_device(run))
-        z0 = initial_noise(len(prompts), run.transformer, noise, dist.device, run.dtype)
-        latents, _ = sample_ode(run.transformer, z0, text, pooled_both, run.sigmas, run.timesteps,
-                                config.sampling.guidance_scale)
+
+    def check_finite(latents):
         if not bool(torch.isfinite(latents[:, -1]).all()):
             raise DivergenceError(
                 f"training diverged by epoch {run.epoch} (evaluation): the policy after step {run.global_step} "
                 f"produces non-finite latents; last checkpoint: {run.last_checkpoint or 'none saved yet'}; lower "
                 "training.lr and resume from an earlier checkpoint")
-        images = decode_images(vae, latents[:, -1])
-        rewards, _ = run.reward_fn(images, prompts, metadata)
-        sums[0] += rewards.double().sum()
-        sums[1] += rewards.numel()
-        velocity = run.algorithm.velocity
-        for i in range(len(run.timesteps)):
-            step = torch.full((len(prompts),), i, dtype=torch.int64, device=dist.device)
-            x, s = latents[:, i], run.timesteps[i].expand(len(prompts))
-            drift = transition_drift(velocity.policy(x, s, text, pooled_both), velocity.reference(x, s, text, pooled_both),
-                                     sigma_of_steps(run.sigmas, step), next_sigma_of_steps(run.sigmas, step), reduce=False)
-            sums[2] += drift.double().sum()
-            sums[3] += drift.numel()
+
+    run.transformer.eval()
+    sums, _ = score_items(
+        pipe=run.pipe, transformer=run.transformer, vae=run.eval_vae if run.eval_vae is not None else run.vae,
+        reward_fn=run.reward_fn, items=run.eval_items,
+        indices=list(range(dist.rank, len(run.eval_items), dist.world_size)), sigmas=run.sigmas,
+        timesteps=run.timesteps, guidance_scale=config.sampling.guidance_scale, batch_size=config.sampling.batch_size,
+        seed=config.seed, device=dist.device, dtype=run.dtype, check_finite=check_finite,
+        progress=lambda it: progress(run, it, "evaluation"))
     dist.sum_(sums)
     return {"eval_reward_mean": (sums[0] / sums[1].clamp(min=1)).item(),
             "eval_transition_drift": (sums[2] / sums[3].clamp(min=1)).item(),

@@ -225,3 +225,36 @@ def test_a_huge_learning_rate_stops_the_run_with_one_line_and_saves_no_non_finit
     assert done.stderr.strip().splitlines()[-1] == (
         "error: training diverged at epoch 2 (sampling): the policy after step 1 produces non-finite latents; last "
         f"checkpoint: {run_dir / 'checkpoints' / 'checkpoint-1'}; lower training.lr and resume from an earlier checkpoint")
+
+
+def test_offline_evaluation_scores_base_and_checkpoints_with_either_decoder(runs, tmp_path):
+    run_dir, _ = runs["ours"]
+    results = {}
+    for decoder in ("taesd", "vae"):
+        out = tmp_path / f"{decoder}.json"
+        done = subprocess.run([sys.executable, "evaluate.py", f"--run={run_dir}", f"--decoder={decoder}",
+                               f"--out={out}"], cwd=COMPONENT, env=_env(), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[decoder] = json.loads(out.read_text())
+    taesd = results["taesd"]
+    assert list(taesd["policies"]) == ["base", "checkpoint-1", "checkpoint-2"] and taesd["prompts"] == 4
+    assert taesd["prompt_fn"] == "from_jsonl" and taesd["policies"]["base"]["eval_transition_drift"] == 0.0
+    assert taesd["policies"]["checkpoint-2"]["eval_transition_drift"] > 0
+    # the in-training evaluation of the same policy on the same prompts and noise gives the same number
+    last_epoch = records(run_dir, "epoch")[-1]
+    assert taesd["policies"]["checkpoint-2"]["eval_reward_mean"] == pytest.approx(last_epoch["eval_reward_mean"], rel=1e-5)
+    vae = results["vae"]["policies"]["base"]["eval_reward_mean"]
+    assert vae != taesd["policies"]["base"]["eval_reward_mean"]  # another decoder, another image
+
+
+def test_the_qualitative_grid_has_a_row_per_policy_and_a_column_per_prompt_and_seed(runs, tmp_path):
+    from PIL import Image
+
+    run_dir, _ = runs["pruned"]
+    out = tmp_path / "grid.jpg"
+    done = subprocess.run([sys.executable, "qualitative_grid.py", f"--run={run_dir}", "--prompts", "a red apple",
+                           "a cat", "--seeds", "0", "1", "--checkpoints", "latest", "--tile", "64", f"--out={out}"],
+                          cwd=COMPONENT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert Image.open(out).size == (140 + 4 * 64, 40 + 2 * 64)
+    assert "2 policies x 4 prompt/seed columns" in done.stdout
