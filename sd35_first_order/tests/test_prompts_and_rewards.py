@@ -113,3 +113,21 @@ def _modules_parameters(reward):
         if isinstance(value, torch.nn.Module):
             found.extend(value.parameters())
     return found
+
+
+def test_fetch_assets_writes_the_two_upstream_lists_where_the_prompt_functions_read_them(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    component = Path(__file__).resolve().parents[1]
+    assets = tmp_path / "mirror" / "jaylee2000" / "rsm" / "e8be3df6a5f86a57981b64130c9a5c1cdeef9071" / "sd35_first_order" / "lib" / "assets"
+    assets.mkdir(parents=True)
+    (assets / "simple_animals.txt").write_text("cat\ndog\n")
+    (assets / "imagenet_classes.txt").write_text("".join(f"class {i}\n" for i in range(1000)))
+    done = subprocess.run([sys.executable, "scripts/fetch_assets.py", "--out", str(tmp_path / "data"), "--source-root",
+                           str(tmp_path / "mirror")], cwd=component, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    data = str(tmp_path / "data")
+    assert prompts.simple_animals().prompts(data) == ["cat", "dog"]
+    assert len(prompts.imagenet_dogs().prompts(data)) == 269 - 151
