@@ -187,3 +187,19 @@ def test_26_same_seed_same_world_size_gives_the_same_epoch_and_faithful_seeding_
     per_rank.dist = Dist(rank=1)
     rank1 = trainer.sample_epoch(per_rank, 0)
     assert not torch.equal(rank0["latents"][:, 0], rank1["latents"][:, 0])
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(fresh):
+    run, samples = fresh
+    b = _column(run, samples, 6)
+    grads = []
+    with moved_adapter(run):
+        for checkpointing in (False, True):
+            if checkpointing:
+                run.transformer.enable_gradient_checkpointing()
+            run.transformer.train()
+            loss, _ = run.algorithm.step(b, 1.0)
+            grads.append(torch.autograd.grad(loss, run.policy_params))
+        run.transformer.disable_gradient_checkpointing()
+    for a, c in zip(*grads):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-9)

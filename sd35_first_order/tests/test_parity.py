@@ -208,3 +208,18 @@ def test_schedule_matches_the_spec_table_and_the_scheduler():
     ours_sigmas, ours_timesteps = flow_match_schedule(20)
     assert ours_sigmas.tolist() == pytest.approx(sigmas.tolist(), abs=1e-6)
     assert ours_timesteps.tolist() == pytest.approx(timesteps.tolist(), abs=2e-4)
+
+
+def test_cfg_combination_and_eta_match_upstream():
+    """`CFGWrapper.apply` on seeded float64 outputs; `VGGFlowAlgorithm._eta` on four sigmas (upstream's 'constant'
+    returns the scalar 1.0)."""
+    from sd35fo.guidance import cfg_combine
+
+    out = torch.randn(4, 2, 2, 2, generator=torch.Generator().manual_seed(30), dtype=torch.float64)
+    guided = cfg_combine(out, 5.0)
+    assert guided[:, 0, 0, 0].tolist() == pytest.approx([-4.146102843851445, 9.685384080541832], **F64)
+    assert guided.sum(dim=(1, 2, 3)).tolist() == pytest.approx([-13.050569167009233, -0.7544384921626444], **F64)
+    sigma = torch.tensor([1.0, 0.75, 0.3125, 0.008928571], dtype=torch.float64)
+    assert eta(sigma, "quad").tolist() == pytest.approx([0.0, 0.0625, 0.47265625, 0.9822225773801021], **F64)
+    assert eta(sigma, "linear").tolist() == pytest.approx([0.0, 0.25, 0.6875, 0.991071429], **F64)
+    assert eta(sigma, "constant").tolist() == [1.0] * 4
