@@ -121,6 +121,7 @@ class Run:
     timer: PhaseTimer
     dtype: torch.dtype
     eval_vae: Optional[torch.nn.Module] = None
+    plan: Optional[run_folder.RunPlan] = None
     epoch: int = 0
     global_step: int = 0
     samples: int = 0
@@ -251,7 +252,7 @@ def setup(config, dist, name_given: bool = False) -> "Run":
         raise
     run = Run(config, dist, budget, pipe, transformer, pipe.vae, reward_fn, reward_grad, algorithm, value,
               policy_params, value_params, optimizer, scaler, sigmas, timesteps, prompt_source, eval_items,
-              plan.run_dir, metric_logger, timer, dtype, eval_vae=eval_vae)
+              plan.run_dir, metric_logger, timer, dtype, eval_vae=eval_vae, plan=plan)
     if state is not None:
         apply_state(run, state)
         run.last_checkpoint = plan.resume_dir
@@ -678,11 +679,16 @@ def train(config, dist, name_given: bool = False) -> Run:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         kernel = sdpa_kernel(SDPBackend.MATH)
-    with kernel:
-        while run.epoch < config.training.num_epochs:
-            epoch, started = run.epoch, time.time()
-            timings = train_one_epoch(run, epoch)
-            finish_epoch(run, epoch, {"time_per_epoch": time.time() - started, **timings})
+    try:
+        with kernel:
+            while run.epoch < config.training.num_epochs:
+                epoch, started = run.epoch, time.time()
+                timings = train_one_epoch(run, epoch)
+                finish_epoch(run, epoch, {"time_per_epoch": time.time() - started, **timings})
+    except BaseException:
+        if dist.is_main and run.logger.lines == 0:
+            run_folder.remove_if_empty_start(run.plan)  # a start that failed before its first record leaves nothing
+        raise
     if dist.is_main:
         logger.info("done: %d epochs (%d this start), %d optimizer steps, %d samples, %.0f s; run folder %s%s",
                     run.epoch, run.epoch - first, run.global_step, run.samples, elapsed(run), run.run_dir,

@@ -123,3 +123,17 @@ def test_nan_policy_skip_drops_the_step_counts_it_and_keeps_tau():
     run.policy_params[0].grad = torch.full((3,), 0.5)
     optimizer_step(run, _window(0.2), epoch=0)
     assert run.skipped_steps == 1 and not torch.equal(run.policy_params[0].detach(), torch.ones(3))
+
+
+def test_with_fp16_the_grad_scaler_skips_non_finite_gradients_instead_of_stopping():
+    run = _run()
+    run.scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    run.scaler.scale(torch.ones(()))  # the trainer's backward goes through scaler.scale(loss)
+    run.policy_params[0].grad = torch.full((3,), 2.0)  # as if scaled by 4: 0.5 after unscaling
+    optimizer_step(run, _window(0.5), epoch=0)
+    assert not torch.equal(run.policy_params[0].detach(), torch.ones(3)) and run.logger.records[-1]["grad_scale"] == 4.0
+    before = run.policy_params[0].detach().clone()
+    run.policy_params[0].grad = torch.tensor([1.0, float("inf"), 0.0])
+    run.scaler.scale(torch.ones(()))
+    optimizer_step(run, _window(0.5), epoch=0)  # the scaler skips the step and halves its scale
+    assert torch.equal(run.policy_params[0].detach(), before) and run.logger.records[-1]["grad_scale"] == 2.0

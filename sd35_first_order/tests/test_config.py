@@ -154,3 +154,17 @@ def test_the_value_net_variant_validates_with_upstream_value_net_batches():
     b = validate(preset("hpsv2_geneval", model__use_value_net=True, training__batch_size=1,
                         training__gradient_accumulation_steps=8))
     assert (b.micro_batches_per_epoch, b.optimizer_steps_per_epoch, b.loss_divisor) == (8, 1, 160)
+
+
+@pytest.mark.parametrize("use_wandb, mode, key, expected", [
+    (True, "auto", None, "disabled"), (True, "auto", "k", "online"), (True, "offline", None, "offline"),
+    (False, "auto", "k", "disabled"), (True, "disabled", "k", "disabled"), (True, "online", "k", "online"),
+])
+def test_wandb_runs_only_with_a_key_or_when_asked_for_offline(monkeypatch, use_wandb, mode, key, expected):
+    from sd35fo.trainer import wandb_mode
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the Makefile's export does not turn wandb on
+    if key:
+        monkeypatch.setenv("WANDB_API_KEY", key)
+    assert wandb_mode(preset("hpsv2_geneval", logging__use_wandb=use_wandb, logging__wandb_mode=mode)) == expected

@@ -131,3 +131,17 @@ def test_fetch_assets_writes_the_two_upstream_lists_where_the_prompt_functions_r
     data = str(tmp_path / "data")
     assert prompts.simple_animals().prompts(data) == ["cat", "dog"]
     assert len(prompts.imagenet_dogs().prompts(data)) == 269 - 151
+
+
+def test_generated_prompt_sets_need_inflect_or_say_so(tmp_path):
+    import importlib.util
+
+    (tmp_path / "nouns.txt").write_text("cat\ndog\n")
+    source = PromptSource("counting", {"nouns_file": str(tmp_path / "nouns.txt"), "low": 1, "high": 3})
+    if importlib.util.find_spec("inflect") is None:
+        with pytest.raises(PromptFileError, match=r"need the inflect package \(pip install inflect\)"):
+            source.check()
+    else:
+        source.check()
+        prompt, metadata = source.draw(random.Random(0))
+        assert metadata["answers"][1] in ("cat", "dog") and prompt.split()[0] in ("one", "two", "three")

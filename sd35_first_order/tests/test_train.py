@@ -14,7 +14,8 @@ import torch
 COMPONENT = Path(__file__).resolve().parents[1]
 PRUNED = ["--config=config/hpsv2_geneval.py", "--exp_name=PRUNED_BASELINE"]
 OURS = ["--config=config/hpsv2_geneval_ours.py", "--exp_name=OURS"]
-VALUE_NET = ["--config=config/hpsv2_geneval.py", "--exp_name=VALUE_NET", "--config.model.use_value_net=True"]
+VALUE_NET = ["--config=config/hpsv2_geneval.py", "--exp_name=VALUE_NET", "--config.model.use_value_net=True",
+             "--config.training.use_jvp=True"]  # upstream's flag: the math attention kernel for the whole run
 CONTRACT_EPOCH_KEYS = {"epoch", "global_step", "samples", "reward_mean", "reward_std", "time_per_epoch", "elapsed_s",
                        "peak_memory_mib", "eval_reward_mean"}
 
@@ -184,6 +185,27 @@ def test_two_gloo_processes_with_same_seeds_reproduce_the_one_process_run(runs, 
     for x, y in zip(s2["policy"], s1["policy"]):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-9)
     assert json.loads((two / "run.json").read_text())["world_size"] == 2
+
+
+def test_check_validates_everything_before_the_models_and_creates_nothing(tmp_path):
+    """--check runs the start-up checks and exits: the real paper command offline stops at the model source, the
+    tiny one prints its budget and run folder."""
+    def check(*extra):
+        return subprocess.run([sys.executable, "train_vggflow.py", *OURS, "--check", f"--output_dir={tmp_path}", *extra],
+                              cwd=COMPONENT, env=dict(_env(), HF_HUB_OFFLINE="1"), capture_output=True, text=True,
+                              timeout=120)
+
+    done = check()
+    assert done.returncode == 1 and done.stderr.strip().splitlines()[-1] == (
+        "error: pretrained.model (--model)='stabilityai/stable-diffusion-3.5-medium' (revision 'main') is not in the "
+        "local hub cache and HF_HUB_OFFLINE is set: download it once online, or pass a local directory")
+    done = check("--tiny")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "budget: world_size=1 trajectories_per_epoch=2 micro_batches_per_epoch=2 optimizer_steps_per_epoch=1 "
+        "train_timesteps=10 loss_divisor=20 global_trajectories_per_epoch=2",
+        f"run folder: {tmp_path / 'hpscore_vggflow_OURS_seed0'}"]
+    assert not any(tmp_path.iterdir())
 
 
 def test_starting_into_a_folder_that_holds_a_run_is_refused_with_one_line(runs):
