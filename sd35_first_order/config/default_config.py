@@ -35,9 +35,10 @@ def get_default_configs():
     training.quantile_clipping = True       # per-sample norm clipping of reward gradients at tau
     training.use_saved_rgrad_x1 = False     # RSM "ours": terminal reward gradient saved at sampling, reused
     # ours (spec §10 N7): "bf16" = upstream's value-net finite differences (bf16 autocast, eps 1e-4 in latent and in
-    # timestep units, the asymmetric temporal lookahead); "fp32" = fp32 arithmetic (needs mixed_precision "no"),
-    # spatial steps of 1e-3 along unit directions, a 1e-2 time step divided by the realised step, and the same
-    # lookahead estimator at s and s - eps (so each quotient is a derivative)
+    # timestep units, the asymmetric temporal lookahead); "fp32" = fp32 arithmetic, spatial steps of 1e-2 along unit
+    # directions, a 1e-2 time step divided by the realised step, the same lookahead estimator at s and s - eps (so
+    # each quotient is a derivative); "jvp" = as fp32, but the networks' derivatives (d nu/ds, J_nu d, J_R nabla V)
+    # exact by double backward. fp32 and jvp need fp32 weights (training.mixed_precision "no")
     training.finite_differences = "bf16"
     training.gradient_checkpointing = False  # ours: recompute transformer activations in backward (saves memory)
     training.nan_policy = "stop"            # ours: a non-finite loss/grad norm/weight "stop"s the run or "skip"s the step

@@ -20,7 +20,7 @@ REPO_ROOT = os.path.dirname(COMPONENT_ROOT)
 ETA_MODES = ("quad", "linear", "constant")
 VALUE_NET_PARAMS = ("lora", "copy", "small")
 MIXED_PRECISIONS = ("bf16", "fp16", "no", "fp32")
-FINITE_DIFFERENCES = ("bf16", "fp32")
+FINITE_DIFFERENCES = ("bf16", "fp32", "jvp")
 NAN_POLICIES = ("stop", "skip")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 EVAL_DECODERS = ("taesd", "vae")
@@ -248,10 +248,11 @@ def validate(config, world_size=1):
     _require(training.detach_dir,
              "training.detach_dir=False has no effect: the perturbed state x + eps d of the spatial finite difference "
              "is detached whatever this flag says (upstream, spec §5.5 step 8); leave it True")
-    _require(not (model.use_value_net and training.finite_differences == "fp32"
+    _require(not (model.use_value_net and training.finite_differences != "bf16"
                   and training.mixed_precision != "no"),
-             f"training.finite_differences='fp32' needs fp32 weights (training.mixed_precision='no'; it is "
-             f"{training.mixed_precision!r}): half-precision weights round the eps-perturbed inputs away")
+             f"training.finite_differences={training.finite_differences!r} needs fp32 weights "
+             f"(training.mixed_precision='no'; it is {training.mixed_precision!r}): half-precision weights round the "
+             "eps-perturbed inputs of its reward-gradient differences away")
     _check_conditional_keys(config)
     _int("world_size", world_size)
     return budget(config, world_size)

@@ -132,6 +132,8 @@ def test_paper_budget_is_one_update_per_epoch_over_twenty_timesteps():
     ({"model__use_value_net": True, "training__detach_dir": False}, "training.detach_dir=False has no effect"),
     ({"model__use_value_net": True, "training__batch_size": 1, "training__finite_differences": "fp32"},
      "training.finite_differences='fp32' needs fp32 weights (training.mixed_precision='no'; it is 'bf16')"),
+    ({"model__use_value_net": True, "training__finite_differences": "forward"},
+     "training.finite_differences='forward' is not supported; allowed: bf16, fp32, jvp"),
     ({"model__use_value_net": True, "model__value_net_param": "small", "model__value_channel_width": (48, 96)},
      "model.value_channel_width=(48, 96) must be a tuple of positive multiples of 32"),
     ({"training__gradscaler_growth_interval": 100}, "training.gradscaler_growth_interval=100 has no effect with "

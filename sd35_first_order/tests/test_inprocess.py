@@ -203,3 +203,57 @@ def test_gradient_checkpointing_gives_the_same_gradients(fresh):
         run.transformer.disable_gradient_checkpointing()
     for a, c in zip(*grads):
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-9)
+
+
+def test_the_fp32_and_jvp_value_net_derivatives_agree_on_the_real_architecture(tmp_path):
+    """Value net 'lora' on the tiny MMDiT-X: the exact (double-backward) directional derivatives of the jvp mode and
+    the fp32 finite differences along unit directions give the same three terms, and a jvp step trains the value
+    net only through L_cons and L_term."""
+    run = make_run(tmp_path, name="hpsv2_geneval", exp_name="JVP", model__use_value_net=True,
+                   training__finite_differences="jvp")
+    samples = trainer.sample_epoch(run, 0)
+    b = _column(run, samples, 6)
+    algorithm = run.algorithm
+    with moved_adapter(run):
+        sigma = run.sigmas[b.step].view(-1, 1, 1, 1)
+        _, g, _, _ = algorithm.reward_guidance(b, sigma, 1.0)
+        v_ref = algorithm.velocity.reference(b.x, b.s, b.text, b.pooled)
+        nu = algorithm.value_net(b.x, b.s, b.text, b.pooled)
+        grad_v = nu / algorithm.beta - eta(sigma, "quad") * g
+        terms = {}
+        for mode in ("jvp", "fp32"):
+            algorithm.fd = mode
+            terms[mode] = {k: v.detach() for k, v in algorithm.consistency_terms(b, sigma, nu, grad_v, v_ref, 1.0,
+                                                                                  g=g).items()}
+        algorithm.fd = "jvp"
+        # measured: 5e-7 (Δ_t), 6e-3 (F1: the one-sided fp32 difference), 4e-6 (F2) relative
+        for key, tolerance in (("delta_t", 1e-3), ("f1", 2e-2), ("f2", 1e-3)):
+            a, c = terms["jvp"][key], terms["fp32"][key]
+            assert (a - c).norm() <= tolerance * a.norm(), (key, (a - c).norm().item(), a.norm().item())
+        loss, stats = algorithm.step(b, 1.0)
+        loss.backward()
+    assert torch.isfinite(loss) and stats["loss_consistency"] > 0
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in run.value_params)
+
+
+def test_the_jvp_of_the_real_transformer_is_its_central_difference_in_float64(fresh):
+    """The double-backward JVP through the MMDiT-X (attention, RMS qk-norm, adaLN, LoRA) against a float64 central
+    difference: measured 7e-6 relative at h = 1e-3."""
+    from sd35fo.algorithm import jvp
+    from sd35fo.guidance import GuidedVelocity
+
+    run, samples = fresh
+    model = copy.deepcopy(run.transformer).double()
+    velocity = GuidedVelocity(model, 5.0)
+    b = _column(run, samples, 6)
+    text, pooled, s = b.text.double(), b.pooled.double(), b.s.double()
+    x = b.x.double()
+    tangent = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    def reference(x_):
+        return velocity.reference_with_graph(x_, s, text, pooled)
+
+    exact = jvp(reference, x, tangent)
+    with torch.no_grad():
+        central = (reference(x + 1e-3 * tangent) - reference(x - 1e-3 * tangent)) / 2e-3
+    assert ((exact - central).norm() / exact.norm()).item() < 1e-4

@@ -309,3 +309,37 @@ def test_20_fp32_consistency_terms_are_the_analytic_directional_derivatives_and_
     grads = torch.autograd.grad(loss, [value.n, value.c, model.adapter], allow_unused=True)
     assert grads[0].abs().max() > 0 and grads[1].abs().max() > 0
     assert grads[2] is None or grads[2].abs().max() == 0  # the policy gets nothing from L_cons
+
+
+def test_20_jvp_mode_takes_the_networks_derivatives_exactly():
+    """"jvp": d nu/ds = c, J_nu d = N d and J_R nabla V = M nabla V without a step size (float32 rounding only); the
+    reward-gradient parts vanish for a linear reward, as in the fp32 mode."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    scheduler.set_timesteps(20)
+    model, value = _LinearToy(), _AffineValue()
+    direction = torch.rand(3, 3, 3, generator=torch.Generator().manual_seed(8)) * 1e-4
+    beta = 100.0
+    algorithm = VGGFlow(GuidedVelocity(model, 5.0), RewardGrad(linear_reward(direction), ToyVAE(seed=3, shift=0.0)),
+                        scheduler.sigmas, scheduler.timesteps, reward_scale=beta, eta_mode="quad", value_net=value,
+                        finite_differences="jvp")
+    b = _batch(scheduler)
+    b.x = b.x * 0.3
+    sigma = scheduler.sigmas[b.step].view(-1, 1, 1, 1)
+    _, g, _, _ = algorithm.reward_guidance(b, sigma, 1.0)
+    v_ref = algorithm.velocity.reference(b.x, b.s, b.text, b.pooled)
+    nu = value(b.x, b.s, b.text, b.pooled)
+    grad_v = nu / beta - eta(sigma, "quad") * g
+    terms = algorithm.consistency_terms(b, sigma, nu, grad_v, v_ref, 1.0, g=g)
+    step = (b.s - (b.s - 1e-2)).view(-1, 1, 1, 1)
+    sigma_prev = (b.s - 1e-2).view(-1, 1, 1, 1) / 1000
+    expected_dt = -value.c / beta - (eta(sigma_prev, "quad") - eta(sigma, "quad")) / step * g
+    torch.testing.assert_close(terms["delta_t"], expected_dt.expand_as(terms["delta_t"]), rtol=1e-3, atol=1e-9)
+    torch.testing.assert_close(terms["f1"], torch.nn.functional.conv2d(grad_v, model.weight[:, :, None, None]))
+    d = v_ref / beta + grad_v
+    torch.testing.assert_close(terms["f2"], torch.nn.functional.conv2d(d, value.n[:, :, None, None]))
+    loss = algorithm.consistency_loss(b, sigma, nu, grad_v, v_ref, 1.0, g=g)
+    grads = torch.autograd.grad(loss, [value.n, value.c, model.adapter], allow_unused=True)
+    assert grads[0].abs().max() > 0 and grads[1].abs().max() > 0
+    assert grads[2] is None or grads[2].abs().max() == 0
