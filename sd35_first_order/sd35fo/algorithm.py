@@ -113,10 +113,12 @@ class VGGFlow:
         return torch.autocast(device_type=device.type, dtype=self.value_autocast)
 
     def lookahead_gradient(self, x, s, sigma, b: StepBatch, tau):
-        """L0 (spec §4.4): v = G_θ(leaf, s) with graph, g = RewardGrad(leaf - sigma sg(v), leaf). Returns (v, RG)."""
+        """L0 (spec §4.4): v = G_θ(x, s) with graph, g = RewardGrad(leaf - sigma sg(v), leaf) for the leaf sg(x).
+        (Upstream fed the leaf itself to the transformer: the same values, and v enters the lookahead detached; with
+        an fp32 leaf, `quirks.rgrad_leaf_weight_dtype=False`, the transformer keeps its own input dtype.)"""
         leaf = self._leaf(x)
         with torch.enable_grad():
-            v = self.velocity.policy(leaf, s, b.text, b.pooled)
+            v = self.velocity.policy(x.detach(), s, b.text, b.pooled)
         sigma_last = self.sigmas[-1]
         y = leaf + (sigma_last - sigma) * v.detach()
         with self.timer("reward_grad"):

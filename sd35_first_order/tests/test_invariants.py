@@ -343,3 +343,22 @@ def test_20_jvp_mode_takes_the_networks_derivatives_exactly():
     grads = torch.autograd.grad(loss, [value.n, value.c, model.adapter], allow_unused=True)
     assert grads[0].abs().max() > 0 and grads[1].abs().max() > 0
     assert grads[2] is None or grads[2].abs().max() == 0
+
+
+@pytest.mark.parametrize("leaf_dtype", [None, torch.float32])
+def test_n4_reward_gradients_have_the_leafs_precision(leaf_dtype):
+    """Faithful (leaf_dtype None): bf16 latents give a bf16-rounded reward gradient; the fix takes it in fp32."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    scheduler.set_timesteps(20)
+    rg = RewardGrad(quadratic_reward(torch.rand(3, 3, 3, generator=torch.Generator().manual_seed(2)), 1e-3), ToyVAE(),
+                    quantile_clipping=False)
+    algorithm = VGGFlow(GuidedVelocity(ToyTransformer(), 5.0), rg, scheduler.sigmas, scheduler.timesteps,
+                        reward_scale=3e7, eta_mode="quad", leaf_dtype=leaf_dtype)
+    b = _batch(scheduler)
+    b.x = b.x.to(torch.bfloat16)
+    _, g, _, _ = algorithm.reward_guidance(b, scheduler.sigmas[b.step].view(-1, 1, 1, 1), 1.0)
+    assert g.dtype == torch.float32
+    representable = torch.equal(g, g.to(torch.bfloat16).float())
+    assert representable == (leaf_dtype is None)
