@@ -7,8 +7,8 @@ validated at load with one line naming the key (contract §2), and the per-epoch
 
 Loading (upstream: PyYAML safe loader, a flat namespace, no schema): a YAML 1.1 float written without a dot
 (`1e-4`) is a string to PyYAML; float keys take such strings as floats. `--set key=value` values are read as
-YAML (`null`, `true`, `[4, 0, 0]`, `{hps_v2: -1.0}`); `--set reward_options.weights=/path` sets one entry of a
-dict key. Relative paths in a config file are relative to the component folder (`sd15_zeroth_order/`), so the
+YAML (`null`, `true`, `[4, 0, 0]`, `{hps_v2: -1.0}`); `--set reward_options.hps_v2.weights=/path` sets one entry
+of a dict key. Relative paths in a config file are relative to the component folder (`sd15_zeroth_order/`), so the
 paper commands work from anywhere; paths given on the command line are relative to where the user is.
 
 Keys of the other trainer are refused (`sample_batch_size` is the baseline's, `exploration_k` the RSM
@@ -143,7 +143,7 @@ KEYS: dict[str, Key] = {
     "ode_kl_anchor_beta": Key(0.00008, "float", R),
     "anchor_row_max_ratio": Key(0.10, "float", R),
     # added by this implementation (the same in both presets)
-    "reward_options": Key({}, "dict", doc="options of the shared_rewards reward, e.g. {weights: /path}"),
+    "reward_options": Key({}, "dict", doc="shared_rewards options per reward, e.g. {hps_v2: {weights: /path}}"),
     "reward_score_dtype": Key("float32", "choice", choices=("float32", "float16"),
                               doc="float16 rounds scores as upstream's fp16 HPS dot product did (spec §11 item 15)"),
     "reward_batch_size": Key(64, "opt_int", doc="images per reward call; null: a rollout's images at once"),
@@ -246,14 +246,21 @@ def parse_set(items) -> dict:
             value = yaml.safe_load(raw) if raw.strip() != "" else ""
         except yaml.YAMLError:
             value = raw
-        if "." in key:
-            head, tail = key.split(".", 1)
-            out.setdefault(head, {})
-            if not isinstance(out[head], dict):
-                _fail(f"--set {key}: {head} was also set as a whole")
-            out[head][tail] = value
-        else:
-            out[key] = value
+        *path, last = key.split(".")
+        target = out
+        for part in path:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                _fail(f"--set {key}: {part} was also set as a whole")
+        target[last] = value
+    return out
+
+
+def _merge(old: dict, new: dict) -> dict:
+    """Nested dicts merged key by key (`--set reward_options.hps_v2.weights=...` keeps the other options)."""
+    out = dict(old)
+    for key, value in new.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 
@@ -353,7 +360,7 @@ def load_config(trainer: str, config_path: Optional[str] = None, sets=(), *, tin
                 _fail(f"{key} is a key of {other}, not of {TRAINER_SCRIPTS[trainer]} ({origin}); remove it, or "
                       f"run {other}")
             if spec.kind == "dict" and key in values and isinstance(value, dict):
-                value = {**values[key], **value}
+                value = _merge(values[key], value)
             value = _coerce(key, value, spec)
             if spec.kind in ("path", "opt_path") and value:
                 value = _absolute(value, base)
@@ -384,6 +391,14 @@ def load_config(trainer: str, config_path: Optional[str] = None, sets=(), *, tin
     if trainer == "grpo_pr" and config.policy_update_row_batch_size is None and isinstance(config.latent_chunk_size, int):
         config.policy_update_row_batch_size = config.latent_chunk_size * int(
             config.sample_num_steps * config.train_timestep_fraction)
+    if tiny:  # the kit's weights for the rewards the run uses, under what the user gave
+        from rsm_testkit import tiny_reward_options
+
+        used = [config.reward_fn] if isinstance(config.reward_fn, str) else list(config.reward_fn)
+        for name in used:
+            if name in REWARD_FNS:
+                kit = tiny_reward_options(REWARD_FNS[name][0])
+                config.reward_options = _merge({name: kit}, config.reward_options) if kit else config.reward_options
     config["trainer"] = trainer
     config["tiny"] = bool(tiny)
     config["config_file"] = path
@@ -410,12 +425,12 @@ def tiny_overrides(trainer: str) -> dict:
     CPU, and budgets of a few rows (2 optimizer updates an epoch, as the presets) that save every epoch and evaluate
     after the last. The only place that knows about the kit; the trainers see an ordinary config."""
     try:
-        from rsm_testkit import get_tiny_model, tiny_reward_options
+        from rsm_testkit import get_tiny_model
     except ImportError:
         _fail("--tiny needs the test kit: pip install -e ci (rsm_testkit), as `make install` does")
     prompts = get_tiny_model("prompt_sets") / "dancegrpo" / "prompts.txt"
     return {"pretrained_model": str(get_tiny_model("sd15")), "revision": "main", "variant": None,
-            "prompt_file": str(prompts), "reward_options": dict(tiny_reward_options("hpsv2")),
+            "prompt_file": str(prompts),
             "num_train_epochs": 2, "save_freq": 1, "eval_freq": 2, "eval_num_batches": 1, "eval_batch_size": 2,
             "mixed_precision": "no", "allow_tf32": False, "logging_dir": "logs/tiny",
             "image_log_freq": 1, **TINY[trainer]}
@@ -548,11 +563,12 @@ def _validate_reward(config):
         for name, weight in reward.items():
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
                 _fail(f"reward_fn.{name}={weight!r} must be a finite number (the weight of that reward)")
-        options = config.reward_options
-        unknown = [k for k in options if k not in reward]
-        if unknown:
-            _fail(f"reward_options.{unknown[0]} does not name a reward of the mix {sorted(reward)}: with several "
-                  "rewards reward_options is {name: {option: value}}")
+    for name, options in config.reward_options.items():
+        if name not in names:
+            _fail(f"reward_options.{name} does not name a reward of reward_fn={reward!r}: reward_options is "
+                  "{reward name: {option: value}}, e.g. --set reward_options.hps_v2.weights=/path")
+        if not isinstance(options, dict):
+            _fail(f"reward_options.{name}={options!r} must be a mapping of option names to values")
 
 
 def _budget_grpo(config) -> Budget:

@@ -27,7 +27,7 @@ def build_reward(config, device):
     try:
         if isinstance(spec, str):
             name, options = REWARD_FNS[spec]
-            return load_reward(name, device=device, **{**options, **config.reward_options})
+            return load_reward(name, device=device, **{**options, **config.reward_options.get(spec, {})})
         weights, options = {}, {}
         for upstream_name, weight in spec.items():
             name, preset = REWARD_FNS[upstream_name]
@@ -37,7 +37,8 @@ def build_reward(config, device):
     except (ValueError, OSError, RewardWeightsError) as error:  # weights, unknown options, hub errors
         reason = " ".join(str(error).split())[:400]
         raise ConfigError(f"reward_fn={spec!r}: cannot build the reward: {reason} (weights and options: "
-                          "reward_options, e.g. --set reward_options.weights=/path)") from None
+                          f"reward_options, e.g. --set reward_options.{next(iter(spec)) if isinstance(spec, dict) else spec}"
+                          ".weights=/path)") from None
 
 
 class Scorer:

@@ -53,10 +53,10 @@ def test_yaml_1_1_float_strings_are_floats(tmp_path):
 
 def test_set_overrides_read_values_as_yaml_and_reach_dict_entries(tmp_path):
     config = load_config("grpo_pr", sets=["learning_rate=1e-4", "run_name=a", "exploration_k=2",
-                                          "reward_options.weights=/w", "reward_options.version=v2.0",
+                                          "reward_options.hps_v2.weights=/w", "reward_options.hps_v2.version=v2.0",
                                           "policy_update_row_batch_size=null"])
     assert config.learning_rate == 1e-4 and config.run_name == "a" and config.exploration_k == 2
-    assert config.reward_options == {"weights": "/w", "version": "v2.0"}
+    assert config.reward_options == {"hps_v2": {"weights": "/w", "version": "v2.0"}}
     assert config.policy_update_row_batch_size == 2 * 50  # null: latent_chunk_size x trained steps (upstream)
 
 
@@ -119,7 +119,8 @@ def _error(trainer, *sets):
     ("grpo", ["hub_token=abc"], "hub_token is set together with report_to=wandb"),
     ("grpo", ["reward_fn=qwen_bertscore"], "reward_fn='qwen_bertscore' is not available"),
     ("grpo", ["reward_fn=hps"], "reward_fn='hps' is not supported; allowed: hps_v2"),
-    ("grpo", ["reward_fn={hps_v2: 1.0}", "reward_options.weights=/w"], "reward_options.weights does not name a reward"),
+    ("grpo", ["reward_options.weights=/w"], "reward_options.weights does not name a reward of reward_fn='hps_v2'"),
+    ("grpo", ["reward_options.hps_v2=3"], "reward_options.hps_v2=3 must be a mapping"),
     ("grpo", ["seed=null"], "seed=None must be an integer"),
     ("grpo", ["learning_rate=-1"], "learning_rate=-1.0 must be > 0"),
     ("grpo", ["rank=0"], "rank=0 must be a positive integer"),
@@ -174,9 +175,11 @@ def test_config_diff_prints_the_rsm_keys_with_reasons_and_both_budgets():
 def test_tiny_mode_points_at_the_kit_and_keeps_two_updates_an_epoch():
     for trainer in cfg.TRAINERS:
         config = load_config(trainer, tiny=True)
-        assert "sd15-" in config.pretrained_model and "hps-" in config.reward_options["weights"]
+        assert "sd15-" in config.pretrained_model and "hps-" in config.reward_options["hps_v2"]["weights"]
         assert config.prompt_file.endswith(os.path.join("dancegrpo", "prompts.txt")) and config.tiny
         assert config.mixed_precision == "no" and config.num_train_epochs == 2
         assert validate(config).updates_per_epoch == 2
-    user = load_config("grpo", tiny=True, sets=["num_train_epochs=5"])  # --set wins over --tiny
-    assert user.num_train_epochs == 5
+    user = load_config("grpo", tiny=True, sets=["num_train_epochs=5", "reward_fn={hps_v2: -1.0}",
+                                                "reward_options.hps_v2.version=v2.0"])  # --set wins over --tiny
+    assert user.num_train_epochs == 5 and user.reward_fn == {"hps_v2": -1.0}
+    assert user.reward_options["hps_v2"]["version"] == "v2.0" and "weights" in user.reward_options["hps_v2"]

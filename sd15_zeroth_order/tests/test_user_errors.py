@@ -142,9 +142,9 @@ def test_optional_libraries_are_checked_before_anything_loads(start, monkeypatch
 
 
 def test_missing_reward_weights_name_the_option(start, tmp_path):
-    message = start(**{"reward_options.weights": str(tmp_path / "nothing")})
+    message = start(**{"reward_options.hps_v2.weights": str(tmp_path / "nothing")})
     assert message.startswith("reward_fn='hps_v2': cannot build the reward: hpsv2:")
-    assert message.endswith("(weights and options: reward_options, e.g. --set reward_options.weights=/path)")
+    assert message.endswith("(weights and options: reward_options, e.g. --set reward_options.hps_v2.weights=/path)")
 
 
 def test_a_schedule_without_a_real_pcpo_sigma_is_refused_before_the_models(start):
