@@ -421,8 +421,10 @@ def load(config_path: Optional[str] = None, overrides: Optional[list] = None, *,
     path = caller_path(config_path) if config_path else os.path.join(COMPONENT_ROOT, DEFAULT_CONFIG)
     data = read_yaml(path)
     name = os.path.splitext(os.path.basename(path))[0]
-    if tiny:
-        apply_tiny(data)
+    if tiny:  # the kit's weights for the reward the run ends up with (an override may choose another)
+        peek = copy.deepcopy(data)
+        apply_overrides(peek, overrides)
+        apply_tiny(data, peek.get("reward_fn", "hpsv2_score_diff"))
     apply_overrides(data, overrides)
     if output_dir:
         put(data, "logging_dir", caller_path(output_dir))
@@ -464,7 +466,7 @@ TINY_VALUES = {
 }
 
 
-def apply_tiny(data: dict) -> None:
+def apply_tiny(data: dict, reward_fn: str = "hpsv2_score_diff") -> None:
     """Point a config at the tiny kit (rsm_testkit): model, reward weights, prompts, budget. The only place
     that knows about tiny models; the trainer sees an ordinary config."""
     from rsm_testkit import get_tiny_model, tiny_reward_options
@@ -472,12 +474,9 @@ def apply_tiny(data: dict) -> None:
     put(data, "model.pretrained", str(get_tiny_model("sd15")))
     put(data, "model.revision", "main")
     put(data, "model.variant", None)
-    reward_fn = data.get("reward_fn", "hpsv2_score_diff")
     shared = {"hpsv2_score_diff": "hpsv2", "aesthetic_score_diff": "aesthetic"}.get(reward_fn)
     if shared:
-        kwargs = dict(data.get("reward_fn_kwargs") or {})
-        kwargs.update(tiny_reward_options(shared))
-        data["reward_fn_kwargs"] = kwargs
+        data["reward_fn_kwargs"] = dict(tiny_reward_options(shared))
     put(data, "data_dir", str(get_tiny_model("prompt_sets")))
     for key, value in TINY_VALUES.items():
         put(data, key, value)

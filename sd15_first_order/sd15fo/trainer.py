@@ -450,7 +450,7 @@ def optimizer_step(run: Run, window: list, epoch: int) -> None:
 # ------------------------------------------------------------------------------------------------ evaluation
 
 @torch.no_grad()
-def evaluate(run: Run, key: int) -> dict:
+def evaluate(run: Run, key: int, image_name: Optional[str] = None) -> dict:
     """GenEval test prompts (eval_prompt_fn_kwargs) at eval.num_steps with the policy; reward and the mean per-step
     KL to the reference ½ mean (w_t (ε_θ - ε_ref))², gathered over processes (spec §5.5). `key` (the global step)
     seeds the prompts and the noise; images of this process's last batch go to images/eval_step<key>.jpg."""
@@ -486,7 +486,7 @@ def evaluate(run: Run, key: int) -> dict:
     all_rewards = run.procs.all_gather(torch.cat(rewards).float()).double()
     all_kls = run.procs.all_gather(torch.cat(kls).float()).double()
     captions = [f"{p[:100]} | {r:.2f}" for p, r in zip(prompts_shown, rewards[-1].tolist())]
-    run.logger.log_images(f"eval_step{key}", images, captions, run.global_step)
+    run.logger.log_images(image_name or f"eval_step{key}", images, captions, run.global_step)
     return {"eval_reward_mean": all_rewards.mean().item(), "eval_reward_std": all_rewards.std(unbiased=False).item(),
             "eval_kl_divergence": all_kls.mean().item(), "eval_samples": int(all_rewards.numel())}
 

@@ -191,3 +191,43 @@ def test_two_gloo_processes_average_gradients_and_save_once(tmp_path):
     assert json.loads((tmp_path / "two" / "run.json").read_text())["world_size"] == 2
     assert done.stdout.count("epoch 1/1  reward") + done.stderr.count("epoch 1/1  reward") == 1  # rank 0 only
     assert (tmp_path / "two" / "checkpoints" / "checkpoint-1" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_offline_evaluation_of_a_run_uses_the_runs_epoch0_prompts_and_reads_upstream_checkpoints(ours, tmp_path):
+    """evaluate.py (spec §9 item 16): the base model scores exactly what the run's epoch-0 evaluation scored (same
+    prompts and noise, key 0), with KL 0 (spec §11 item 18); trained checkpoints have KL > 0; upstream's
+    checkpoint_epoch<E> folder (its file names) evaluates like the checkpoint it holds."""
+    run_dir, _ = ours
+    upstream = tmp_path / "upstream_run" / "checkpoint_epoch1"
+    upstream.mkdir(parents=True)
+    shutil.copy(run_dir / "checkpoints" / "checkpoint-2" / "unet_lora_weights.safetensors", upstream)
+    out = tmp_path / "eval.jsonl"
+    done = subprocess.run([sys.executable, "evaluate.py", "--config", OURS, "--tiny", "--base", str(run_dir),
+                           str(upstream), "--out", str(out)], cwd=COMPONENT, env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["checkpoint"][-12:], r["epoch"]) for r in rows] == [("base", 0), ("checkpoint-1", 1), ("checkpoint-2", 2),
+                                                                   ("heckpoint_epoch1"[-12:], 2)]
+    epoch0 = [r for r in strict_records(run_dir / "metrics.jsonl") if r["kind"] == "epoch"][0]
+    assert rows[0]["eval_reward_mean"] == epoch0["eval_reward_mean"] and rows[0]["eval_kl_divergence"] == 0
+    assert rows[1]["eval_kl_divergence"] > 0 and rows[2]["eval_kl_divergence"] > 0
+    assert rows[3]["eval_reward_mean"] == rows[2]["eval_reward_mean"]
+    assert "checkpoint-2" in done.stdout and (tmp_path / "offline_eval" / "images" / "eval_checkpoint-2.jpg").is_file()
+
+
+def test_qualitative_grid_of_the_base_model_and_the_newest_checkpoint(ours, tmp_path):
+    run_dir, _ = ours
+    out = tmp_path / "grid.jpg"
+    done = subprocess.run([sys.executable, "scripts/qualitative.py", "--config", OURS, "--tiny", "--checkpoints",
+                           str(run_dir), "--prompts", "a photo of a dog", "a red car", "--seeds", "0", "1", "--steps",
+                           "10", "--out", str(out)], cwd=COMPONENT, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    from PIL import Image
+
+    image = Image.open(out)
+    assert image.size == (260 + 4 * 64, 28 + 2 * 64)  # label margin + 4 columns x 2 rows of 64 px
+    scores = json.loads((tmp_path / "grid.json").read_text())
+    assert list(scores["rewards"]) == ["base", str(run_dir / "checkpoints" / "checkpoint-2")]
+    assert scores["rewards"]["base"] != scores["rewards"][str(run_dir / "checkpoints" / "checkpoint-2")]
