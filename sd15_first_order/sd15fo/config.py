@@ -210,6 +210,7 @@ SCHEMA: dict[str, tuple[Callable, Any]] = {
     # ---- this implementation's keys (not upstream) ----
     "parity": (boolean, True),
     "train.cache_z0_reward_grad": (boolean, True),
+    "eval.fixed_key": (boolean, False),
     "run_name": (optional(string), None),
     "data_dir": (string, "../data"),
     "device": (one_of(*DEVICES), "auto"),

@@ -556,7 +556,8 @@ def run_epoch(run: Run, epoch: int) -> None:
     evaluation = {}
     if epoch % config["eval"]["freq"] == 0:  # before training: epoch 0 evaluates the untouched model
         t0 = time.time()
-        evaluation = {**evaluate(run, run.global_step), "eval_epoch": epoch, "eval_global_step": run.global_step}
+        key = 0 if config["eval"]["fixed_key"] else run.global_step  # upstream: prompts and noise keyed by the step
+        evaluation = {**evaluate(run, key), "eval_epoch": epoch, "eval_global_step": run.global_step}
         _timed(run, "eval_time", t0)
         evaluation.update(peak_memory(run.device, "eval_"))
     t0 = time.time()
