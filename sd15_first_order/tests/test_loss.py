@@ -289,3 +289,47 @@ def test_paper_budget_is_two_optimizer_steps_an_epoch():
         values = config.load(f"config/simple_res-nabladb_sd_hps{'' if which == 'pruned' else '_usez0_basesnr'}.yaml").values
         sample, train = values["sample"], values["train"]
         assert sample["batch_size"] * sample["num_batches_per_epoch"] // (train["batch_size"] * train["gradient_accumulation_steps"]) == 2
+
+
+# ------------------------------------------------------------------------------------------------ optimizer, scaler
+
+
+def test_8bit_adam_is_bitsandbytes_adamw8bit_with_the_config_hyper_parameters(monkeypatch):
+    import sys
+    import types
+
+    built = []
+    fake = types.ModuleType("bitsandbytes")
+    fake.optim = types.SimpleNamespace(AdamW8bit=lambda params, **kw: built.append(kw) or "adamw8bit")
+    monkeypatch.setitem(sys.modules, "bitsandbytes", fake)
+    values = tiny_values("ours", ["train.adam.use_8bit=true"])
+    assert trainer.make_optimizer(values, [torch.nn.Parameter(torch.ones(1))]) == "adamw8bit"
+    assert built == [dict(lr=4e-3, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)]
+
+
+def test_grad_scaler_for_fp16_always_for_bf16_only_in_parity_mode_never_for_fp32():
+    cpu = torch.device("cpu")
+    paper = {"train": {"gradscaler_growth_interval": 2000}}
+    assert trainer.make_scaler({**paper, "mixed_precision": "bf16", "parity": True}, cpu) is not None
+    assert trainer.make_scaler({**paper, "mixed_precision": "bf16", "parity": False}, cpu) is None
+    assert trainer.make_scaler({**paper, "mixed_precision": "no", "parity": True}, cpu) is None
+    scaler = trainer.make_scaler({**paper, "mixed_precision": "fp16", "parity": False}, cpu)
+    assert scaler.get_scale() == 2.0 ** 16 and scaler.get_growth_interval() == 2000
+
+
+def test_gradient_checkpointing_gives_the_same_gradient(tiny):
+    """train.gradient_checkpointing trades memory for a recomputed forward; the gradient is the same (float32
+    through another evaluation order: relative 1e-5)."""
+    run, samples = tiny
+    modes = trainer.UpdateModes.of(run.config, run.models.num_train_timesteps)
+    mb, embeds, helper = _micro_batch(run, samples)
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            run.unet.enable_gradient_checkpointing()
+        run.unet.train()
+        loss = trainer.transition_loss(run, modes, mb, 4, embeds, helper, {}).loss
+        grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, run.params[1::2])]))  # lora_B
+    run.unet.disable_gradient_checkpointing()
+    assert grads[0].norm() > 0
+    assert (grads[0] - grads[1]).norm() <= 1e-5 * grads[0].norm()

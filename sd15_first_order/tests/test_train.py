@@ -231,3 +231,12 @@ def test_qualitative_grid_of_the_base_model_and_the_newest_checkpoint(ours, tmp_
     scores = json.loads((tmp_path / "grid.json").read_text())
     assert list(scores["rewards"]) == ["base", str(run_dir / "checkpoints" / "checkpoint-2")]
     assert scores["rewards"]["base"] != scores["rewards"][str(run_dir / "checkpoints" / "checkpoint-2")]
+
+
+def test_clean_mode_writes_only_the_diffusers_lora_and_the_state(tmp_path):
+    """parity: false fixes the reference's quirks (config.PARITY_QUIRKS): among them no upstream file copies."""
+    train(OURS, "--output-dir", str(tmp_path), "--run-name", "clean", "--set", "parity=false", "--set",
+          "train.max_epochs=1", "--set", "sample.num_steps=10")
+    folder = tmp_path / "clean" / "checkpoints" / "checkpoint-1"
+    assert sorted(p.name for p in folder.iterdir()) == ["lora", "training_state.pt"]
+    assert json.loads((tmp_path / "clean" / "config.json").read_text())["parity"] is False
