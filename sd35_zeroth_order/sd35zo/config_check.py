@@ -11,6 +11,10 @@ Every failure is one line naming the key and what it may be, raised as `ConfigEr
 any model is built. Pure Python: importing this module does not import torch.
 
     WORLD_SIZE=4 python -m sd35zo.config_check --config config/sd3_matrix.py:<id> [--config.key=value ...]
+
+That command (which the launcher runs before it starts any process) also checks the files, the model and the
+run folder the trainer will use: `--paths-warn` reports a problem there without failing (the launcher's
+--dry-run), `--skip-run-folder` leaves the run folder to the first node of a multi-node job.
 """
 from __future__ import annotations
 
@@ -415,8 +419,8 @@ def main(argv=None):
     from ml_collections import config_flags
 
     argv = list(sys.argv if argv is None else argv)
-    paths_warn = "--paths-warn" in argv
-    argv = [arg for arg in argv if arg != "--paths-warn"]
+    paths_warn, skip_run_folder = "--paths-warn" in argv, "--skip-run-folder" in argv
+    argv = [arg for arg in argv if arg not in ("--paths-warn", "--skip-run-folder")]
     sys.argv = argv  # config_flags finds the override flags by reading sys.argv when defined
     registry = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "config file[:argument]", flag_values=registry,
@@ -434,6 +438,8 @@ def main(argv=None):
         from . import checkpoints, preflight, run_folder
 
         preflight.check_all(config)
+        if skip_run_folder:
+            return 0
         plan = run_folder.plan_run(config, checkpoints.load_state, checkpoints.math_key_diff)
     except ConfigError as error:
         print(f"{'warning' if paths_warn else 'error'}: {error}", file=sys.stderr)

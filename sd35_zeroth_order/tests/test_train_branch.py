@@ -188,29 +188,6 @@ def test_killed_run_resumes_in_its_own_folder_without_duplicate_records(full_run
     assert len(json.loads((killed / "run.json").read_text())["starts"]) == 2
 
 
-def test_two_process_gloo_run_averages_gradients_and_saves_once(tiny_prompt_embeddings, tmp_path):
-    """Two CPU processes (gloo): each rank samples half the epoch, groups are normalised over both, and
-    the replicas stay identical (checked by the trainer before it saves). `accelerate launch --cpu` starts
-    only one process, so torchrun starts the two (ACCELERATE_USE_CPU selects gloo)."""
-    torchrun = str(Path(PYTHON).parent / "torchrun")
-    command = [torchrun, "--nproc_per_node", "2", "--master_port", "29817", "scripts/train_sd3_pr.py",
-               "--config", f"config/sd3_matrix.py:tiny:{TINY_ID}", *tiny_prompt_embeddings,
-               f"--config.save_dir={tmp_path}", "--config.run_name=two", "--config.num_epochs=1",
-               "--config.train.ema=False"]  # evaluate the live weights: the KL probe must see them move
-    done = subprocess.run(command, cwd=COMPONENT, env=dict(_env(), ACCELERATE_USE_CPU="true"),
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-5000:]
-    rows = _metrics(tmp_path / "two")
-    # 2 ranks x 1 rollout x 2 images x 30 branch rows: 60 rows per rank -> 2 microbatches of 36, 1 per step
-    layout = [r for r in rows if "actual_microbatches_per_epoch" in r]
-    assert [(r["actual_transition_rows"], r["actual_microbatches_per_epoch"]) for r in layout] == [(60, 2)]
-    assert [r["step"] for r in rows if "policy_loss" in r] == [1, 2]
-    assert [r["group_size"] for r in rows if "group_size" in r] == [7.5]
-    kl = [r["eval_kl_divergence"] for r in rows if "eval_epoch" in r]
-    assert len(kl) == 1 and 0.0 < kl[0] < 1.0  # two small steps away from the reference: positive, small
-    assert (tmp_path / "two" / "checkpoints" / "checkpoint-1" / "lora" / "pytorch_lora_weights.safetensors").is_file()
-
-
 def test_geneval_paper_command_runs_with_tiny_against_a_server_the_launcher_starts(tmp_path):
     """The paper's reward end to end with --tiny and nothing else: the launcher starts a GenEval server with the
     tiny detector beside the run, the client posts the branch images (strict scores for training), eval reports

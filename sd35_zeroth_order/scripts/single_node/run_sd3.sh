@@ -33,13 +33,20 @@ usage: bash scripts/single_node/run_sd3.sh [options] [-- trainer args]
   --reward R             one of: $REWARDS (default pickscore)
   --loss L               one of: $LOSSES (default ppo)
   --reweight W           one of: $REWEIGHTS (default base)
-  --num-processes N      processes to start (default: the reward preset's world size, 4 for geneval,
-                         2 otherwise; 1 with --tiny). Budgets follow N: the global images per epoch
-                         stay fixed and accumulation grows as N shrinks. On a CPU (--tiny, --cpu)
-                         N > 1 runs under torchrun (gloo), since accelerate launch --cpu starts one
+  --num-processes N      processes to start on this node (default: the reward preset's world size, 4
+                         for geneval, 2 otherwise; 1 with --tiny). Budgets follow the world size
+                         N x machines: the global images per epoch stay fixed and accumulation grows
+                         as it shrinks. On a CPU (--tiny, --cpu) N > 1 or several machines run under
+                         torchrun (gloo), since accelerate launch --cpu starts one process
+  --num-machines M       nodes in the job (default 1); run the same command on every node with its
+                         own --machine-rank (--dry-run prints each node's command)
+  --machine-rank R       this node's rank, 0..M-1 (default 0); rank 0 writes checkpoints and logs
+  --main-process-ip IP   address of the rank-0 node (required with M > 1)
   --main-process-port P  default 29502 (default sampler) or 29700 (branch sampler); torchrun's
-                         --master_port on CPU runs with N > 1
-  --accelerate-config F  passed to accelerate launch as --config_file F (not for torchrun runs)
+                         --master_port on CPU runs
+  --accelerate-config F  passed to accelerate launch as --config_file F (not for torchrun runs); its
+                         num_processes / num_machines / machine_rank / main_process_ip hold unless
+                         the flags above are given
   --model M              base model: hub id or local diffusers directory (config pretrained.model)
   --output-dir D         where checkpoints and logs go (config save_dir)
   --tiny                 the same run on the tiny test kit (rsm_testkit): tiny SD3 and reward models,
@@ -74,6 +81,7 @@ need_value() {  # <flag> <number of remaining args> <next arg>
 
 profile=base sampler=default reward=pickscore loss=ppo reweight=base
 num_processes="" main_process_port="" accelerate_config="" model="" output_dir=""
+num_machines="" machine_rank="" main_process_ip=""
 tiny=0 cpu=0 dry_run=0
 trainer_args=()
 while [[ $# -gt 0 ]]; do
@@ -85,6 +93,9 @@ while [[ $# -gt 0 ]]; do
     --reweight) need_value "$1" $# "${2:-}"; reweight="$2"; shift 2 ;;
     --num-processes) need_value "$1" $# "${2:-}"; num_processes="$2"; shift 2 ;;
     --main-process-port) need_value "$1" $# "${2:-}"; main_process_port="$2"; shift 2 ;;
+    --num-machines) need_value "$1" $# "${2:-}"; num_machines="$2"; shift 2 ;;
+    --machine-rank) need_value "$1" $# "${2:-}"; machine_rank="$2"; shift 2 ;;
+    --main-process-ip) need_value "$1" $# "${2:-}"; main_process_ip="$2"; shift 2 ;;
     --accelerate-config) need_value "$1" $# "${2:-}"; accelerate_config="$2"; shift 2 ;;
     --model) need_value "$1" $# "${2:-}"; model="$2"; shift 2 ;;
     --output-dir) need_value "$1" $# "${2:-}"; output_dir="$2"; shift 2 ;;
@@ -107,6 +118,27 @@ case "$sampler" in
   branch) train_script=scripts/train_sd3_pr.py; default_port=29700 ;;
   *) die_usage "--sampler must be one of: $SAMPLERS (got '$sampler')" ;;
 esac
+num_processes_given="$num_processes" num_machines_given="$num_machines"
+if [[ -n "$accelerate_config" && -z "$num_processes$num_machines" ]]; then
+  # the accelerate config file decides the layout (its num_processes counts every machine's processes)
+  [[ -f "$accelerate_config" ]] || die_usage "--accelerate-config: no such file: $accelerate_config"
+  layout="$("${PYTHON:-python3}" -c 'import sys, yaml
+c = yaml.safe_load(open(sys.argv[1])) or {}
+m = int(c.get("num_machines") or 1)
+print(max(int(c.get("num_processes") or 1) // m, 1), m, int(c.get("machine_rank") or 0), c.get("main_process_ip") or "")' \
+    "$accelerate_config")" || die_usage "--accelerate-config: cannot read $accelerate_config as an accelerate config"
+  read -r num_processes num_machines config_machine_rank config_ip <<<"$layout"
+  machine_rank="${machine_rank:-$config_machine_rank}"
+  main_process_ip="${main_process_ip:-$config_ip}"
+fi
+num_machines="${num_machines:-1}"
+machine_rank="${machine_rank:-0}"
+[[ "$num_machines" =~ ^[1-9][0-9]*$ ]] || die_usage "--num-machines must be a positive integer (got '$num_machines')"
+[[ "$machine_rank" =~ ^[0-9]+$ && "$machine_rank" -lt "$num_machines" ]] \
+  || die_usage "--machine-rank must be 0..$((num_machines - 1)) for --num-machines $num_machines (got '$machine_rank')"
+if [[ "$num_machines" -gt 1 && -z "$main_process_ip" ]]; then
+  die_usage "--num-machines $num_machines needs --main-process-ip: the address of the rank-0 node"
+fi
 if [[ -z "$num_processes" ]]; then
   if [[ "$tiny" == 1 ]]; then num_processes=1
   elif [[ "$reward" == geneval ]]; then num_processes=4  # the geneval preset's world size (sd3_reward_presets.py)
@@ -153,23 +185,35 @@ if [[ "$tiny" == 0 || -z "$service" || -n "${!service_env:-}" \
   service=""
 fi
 
-if [[ "$num_processes" == 1 && -z "$accelerate_config" ]]; then
+world_size=$((num_processes * num_machines))
+if [[ "$world_size" == 1 && -z "$accelerate_config" ]]; then
   # One process needs no launcher: the trainer's Accelerator() works without one, and a failed start ends
   # with the trainer's own one-line error instead of a launcher traceback.
   launch=("$PYTHON")
   [[ "$cpu" == 1 ]] && launch=(env ACCELERATE_USE_CPU=true "$PYTHON")
-elif [[ "$cpu" == 1 && "$num_processes" -gt 1 ]]; then
+elif [[ "$cpu" == 1 ]]; then
   # `accelerate launch --cpu` ignores --num_processes (its CPU path is single-process). torchrun starts
   # the N ranks; the trainer's Accelerator() reads torchrun's RANK/WORLD_SIZE, and ACCELERATE_USE_CPU
   # keeps it off any GPU and on gloo. `env` makes the printed --dry-run line the exact command run.
   [[ -z "$accelerate_config" ]] \
-    || die_usage "--accelerate-config does not apply to CPU runs on $num_processes processes (they use torchrun)"
-  launch=(env ACCELERATE_USE_CPU=true "${torchrun[@]}" --nnodes 1 --nproc_per_node "$num_processes"
-          --master_port "$main_process_port")
+    || die_usage "--accelerate-config does not apply to CPU runs on $world_size processes (they use torchrun)"
+  launch=(env ACCELERATE_USE_CPU=true "${torchrun[@]}" --nnodes "$num_machines" --nproc_per_node "$num_processes")
+  if [[ "$num_machines" -gt 1 ]]; then
+    launch+=(--node_rank "$machine_rank" --master_addr "$main_process_ip")
+  fi
+  launch+=(--master_port "$main_process_port")
 else
-  launch=("$ACCELERATE" launch --num_machines 1 --num_processes "$num_processes" --main_process_port "$main_process_port")
+  # accelerate's --num_processes counts every machine's processes; with a config file only the flags the
+  # user gave override it
+  launch=("$ACCELERATE" launch)
   [[ -n "$accelerate_config" ]] && launch+=(--config_file "$accelerate_config")
-  [[ "$cpu" == 1 ]] && launch+=(--cpu)
+  if [[ -z "$accelerate_config" || -n "$num_processes_given$num_machines_given" ]]; then
+    launch+=(--num_machines "$num_machines" --num_processes "$world_size")
+  fi
+  if [[ "$num_machines" -gt 1 ]]; then
+    launch+=(--machine_rank "$machine_rank" --main_process_ip "$main_process_ip")
+  fi
+  launch+=(--main_process_port "$main_process_port")
 fi
 command=("${launch[@]}" "$train_script" --config "$config_target" ${overrides[@]+"${overrides[@]}"}
          ${trainer_args[@]+"${trainer_args[@]}"})
@@ -185,7 +229,9 @@ for arg in ${overrides[@]+"${overrides[@]}"} ${trainer_args[@]+"${trainer_args[@
 done
 check_flags=()
 [[ "$dry_run" == 1 ]] && check_flags+=(--paths-warn)  # a dry run reports missing files but still prints
-WORLD_SIZE="$num_processes" "$PYTHON" -m sd35zo.config_check --config "$config_target" \
+# on a node other than 0 the run folder is node 0's to decide (a shared save_dir may already hold this run)
+[[ "$machine_rank" != 0 ]] && check_flags+=(--skip-run-folder)
+WORLD_SIZE="$world_size" "$PYTHON" -m sd35zo.config_check --config "$config_target" \
   ${config_flags[@]+"${config_flags[@]}"} ${check_flags[@]+"${check_flags[@]}"} || exit 1
 
 print_command() {
@@ -199,6 +245,17 @@ if [[ -n "$service" ]]; then
   url_override="--config.reward_options.${service}.url"
 fi
 if [[ "$dry_run" == 1 ]]; then
+  if [[ "$num_machines" -gt 1 ]]; then  # every node runs the same command with its own rank
+    for ((rank = 0; rank < num_machines; rank++)); do
+      node=("${command[@]}")
+      for ((i = 0; i < ${#node[@]}; i++)); do
+        if [[ "${node[i]}" == --node_rank || "${node[i]}" == --machine_rank ]]; then node[i + 1]="$rank"; fi
+      done
+      printf '# node %d of %d:\n' "$rank" "$num_machines"
+      print_command "${node[@]}"
+    done
+    exit 0
+  fi
   if [[ -n "$service" ]]; then
     printf 'tiny %s server (started beside the run, its address passed as %s): ' "$service" "$url_override"
     print_command "${service_command[@]}"
