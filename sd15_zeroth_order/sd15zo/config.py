@@ -475,7 +475,9 @@ class Budget:
     mean_active_k: float = 0.0      # grpo_pr k̄
 
     def summary(self) -> str:
-        return " ".join(f"{k}={v}" for k, v in asdict(self).items() if k != "trainer")
+        rsm_only = ("anchor_rows_per_epoch", "anchor_rows_kept", "mean_active_k")
+        return " ".join(f"{k}={v}" for k, v in asdict(self).items()
+                        if k != "trainer" and (self.trainer == "grpo_pr" or k not in rsm_only))
 
 
 def _positive(config, key):
