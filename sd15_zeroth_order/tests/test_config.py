@@ -183,3 +183,17 @@ def test_tiny_mode_points_at_the_kit_and_keeps_two_updates_an_epoch():
                                                 "reward_options.hps_v2.version=v2.0"])  # --set wins over --tiny
     assert user.num_train_epochs == 5 and user.reward_fn == {"hps_v2": -1.0}
     assert user.reward_options["hps_v2"]["version"] == "v2.0" and "weights" in user.reward_options["hps_v2"]
+
+
+def test_demo_json_runs_the_two_paper_commands_with_valid_overrides():
+    import json
+
+    demo = json.loads((COMPONENT / "demo.json").read_text())
+    assert [r["name"] for r in demo["runs"]] == ["baseline", "ours"]
+    for run, trainer in zip(demo["runs"], ("grpo", "grpo_pr")):
+        command = [part.format(python="python", save_dir="/tmp/demo", name=run["name"], epochs=demo["epochs"])
+                   for part in run["command"]]
+        assert command[1] == cfg.TRAINER_SCRIPTS[trainer] and (COMPONENT / command[1]).is_file()
+        assert command[3] == cfg.PRESETS[trainer] and "--tiny" in command
+        sets = [command[i + 1] for i, part in enumerate(command) if part == "--set"]
+        validate(load_config(trainer, command[3], sets, tiny=True, cwd=str(COMPONENT)))
