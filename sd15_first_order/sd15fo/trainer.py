@@ -83,6 +83,7 @@ class Run:
     step_losses: list = field(default_factory=list)
     grad_stats: list = field(default_factory=list)  # (mean |g|, var |g|) per backward of the hooked LoRA tensor
     timers: dict = field(default_factory=dict)
+    plan: Optional[run_folder.RunPlan] = None
 
     @property
     def unet(self):
@@ -151,6 +152,7 @@ def setup(loaded: Loaded, procs: distributed.Processes) -> Run:
               PromptSource(config["data_dir"]), negative, plan.run_dir, metric_logger,
               num_train_timesteps(sample["num_steps"], train["timestep_fraction"]),
               per_rank // (train["batch_size"] * train["gradient_accumulation_steps"]))
+    run.plan = plan
     if state is not None:
         apply_checkpoint_state(run, state)
         run.last_checkpoint = plan.resume_dir
@@ -605,6 +607,10 @@ def train(loaded: Loaded, procs: distributed.Processes) -> Run:
     try:
         for epoch in range(run.epoch, run.config["train"]["max_epochs"]):
             run_epoch(run, epoch)
+    except BaseException:
+        if procs.is_main and run.plan is not None:
+            run_folder.remove_if_empty_start(run.plan)  # failed before its first record: leave nothing behind
+        raise
     finally:
         run.logger.finish()
     if procs.is_main:

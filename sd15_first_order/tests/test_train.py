@@ -240,3 +240,14 @@ def test_clean_mode_writes_only_the_diffusers_lora_and_the_state(tmp_path):
     folder = tmp_path / "clean" / "checkpoints" / "checkpoint-1"
     assert sorted(p.name for p in folder.iterdir()) == ["lora", "training_state.pt"]
     assert json.loads((tmp_path / "clean" / "config.json").read_text())["parity"] is False
+
+
+def test_bf16_parity_run_trains_with_the_grad_scaler(tmp_path):
+    """The paper precision on a CPU: bf16 frozen weights and latents, fp32 LoRA, the GradScaler upstream used for
+    bf16 (parity), its scale logged and saved."""
+    train(OURS, "--output-dir", str(tmp_path), "--run-name", "bf16", "--set", "mixed_precision=bf16", "--set",
+          "train.max_epochs=1", "--set", "sample.num_steps=10")
+    steps = [r for r in strict_records(tmp_path / "bf16" / "metrics.jsonl") if r["kind"] == "step"]
+    assert [r["grad_scale"] for r in steps] == [65536.0, 65536.0] and all(r["loss"] is not None for r in steps)
+    state = torch.load(tmp_path / "bf16" / "checkpoints" / "checkpoint-1" / "training_state.pt", weights_only=True)
+    assert state["scaler"]["scale"] == 65536.0 and all(p.dtype == torch.float32 for p in state["params"])
