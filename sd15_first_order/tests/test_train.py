@@ -251,3 +251,17 @@ def test_bf16_parity_run_trains_with_the_grad_scaler(tmp_path):
     assert [r["grad_scale"] for r in steps] == [65536.0, 65536.0] and all(r["loss"] is not None for r in steps)
     state = torch.load(tmp_path / "bf16" / "checkpoints" / "checkpoint-1" / "training_state.pt", weights_only=True)
     assert state["scaler"]["scale"] == 65536.0 and all(p.dtype == torch.float32 for p in state["params"])
+
+
+def test_an_upstream_checkpoint_is_a_warm_start_at_the_next_epoch_in_a_new_folder(ours, tmp_path):
+    """The reference's checkpoint_epoch<E> holds only the LoRA: training continues with epoch E + 1 (upstream
+    re-ran epoch E) and global step (E + 1) x updates per epoch, in a new run folder."""
+    run_dir, _ = ours
+    upstream = tmp_path / "upstream_run" / "checkpoint_epoch0"
+    upstream.mkdir(parents=True)
+    shutil.copy(run_dir / "checkpoints" / "checkpoint-1" / "unet_lora_weights.safetensors", upstream)
+    done = train(OURS, "--resume", str(upstream), "--output-dir", str(tmp_path), "--run-name", "warm")
+    assert "warm start from upstream checkpoint_epoch0" in done.stderr
+    rows = strict_records(tmp_path / "warm" / "metrics.jsonl")
+    assert [(r["kind"], r["step"]) for r in rows] == [("step", 3), ("step", 4), ("epoch", 4)]
+    assert rows[-1]["epoch"] == 2 and (tmp_path / "warm" / "checkpoints" / "checkpoint-2").is_dir()
