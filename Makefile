@@ -48,6 +48,9 @@ demo: tiny-models
 bench: tiny-models
 	$(PY) shared_rewards/bench/bench_rewards.py
 	HF_HUB_OFFLINE=1 $(PY) sd35_zeroth_order/bench/bench_epoch.py --tiny
+	HF_HUB_OFFLINE=1 $(PY) sd15_zeroth_order/bench/bench_epoch.py --tiny
+	HF_HUB_OFFLINE=1 $(PY) sd35_first_order/bench/bench_epoch.py --tiny
+	HF_HUB_OFFLINE=1 $(PY) sd15_first_order/bench/bench_epoch.py --tiny
 
 clean-venv:
 	rm -rf $(VENV)
