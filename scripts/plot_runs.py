@@ -125,7 +125,9 @@ def plot(curves: list[Curve], x: str, metric: str, out: Path, svg: bool = False,
     ax.set_xlabel(X_AXES[x][1])
     ax.set_ylabel(metric + (" (± std)" if any(c.std for c in curves) else ""))
     if title:
-        ax.set_title(title)
+        import textwrap
+
+        ax.set_title("\n".join(textwrap.wrap(title, 70)), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
