@@ -4,9 +4,10 @@
                                  [--model ID_OR_DIR] [--run-name NAME] [--resume CHECKPOINT_OR_RUN]
     torchrun --nproc_per_node=4 --master_port=29501 simple_res-nabladb.py --config config/<file>.yaml
 
-One process runs without torchrun's variables; torchrun starts several (NCCL on GPUs, gloo on CPUs). A user's
-mistake (a bad value or path, a run folder that holds a run, a checkpoint that does not fit) and a diverged run
-end with one line `error: ...` on stderr from the main process and exit status 1; tracebacks are for bugs.
+One process runs without torchrun's variables; torchrun starts several (NCCL on GPUs, gloo on CPUs), on one node
+or several (`--nnodes`). A user's mistake (a bad value or path, a run folder that holds a run, a checkpoint that
+does not fit) and a diverged run end with one line `error: ...` on stderr from each node's first process and exit
+status 1 on every process, also when only one node met it; tracebacks are for bugs.
 """
 from __future__ import annotations
 
@@ -22,8 +23,14 @@ def _is_main() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _with_peers() -> bool:
+    """Started by torchrun with other processes (on this node or others)."""
+    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def fail(message: str) -> None:
-    if _is_main():
+    """The error line, once per node (its first process: every node's console says why it stopped), exit 1."""
+    if os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) == "0":
         print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(1)
 
@@ -69,16 +76,20 @@ def train_main(argv=None) -> None:
     parser.add_argument("--run-name", help="run_name: the run folder's name (default resnabladb-db_<reward>_<time>)")
     parser.add_argument("--resume", help="model.resume_from_checkpoint: a checkpoint-<n> folder or a run folder")
     args = parser.parse_args(argv)
+    loaded, error = None, None
     try:
         loaded = load_config(args)  # torch-free: a bad value is reported in a blink
-    except ConfigError as error:
-        fail(str(error))
+    except ConfigError as caught:
+        if not _with_peers():
+            fail(str(caught))
+        error = str(caught)  # still join the others, so a command mistyped on one node ends every node at once
     setup_logging()
     from . import distributed, trainer
 
     procs = None
     try:
-        procs = distributed.start(loaded.values["device"])
+        procs = distributed.start(loaded.values["device"] if loaded is not None else "auto")
+        procs.agree(error)
         trainer.train(loaded, procs)
     except (ConfigError, trainer.DivergenceError) as error:
         fail(str(error))

@@ -3,16 +3,30 @@
 Kept small and visible (nanoGPT style): the policy UNet is wrapped in DistributedDataParallel only when more
 than one process runs, its gradients are averaged once per optimizer step (`no_sync` on every backward but the
 last of an accumulation window, spec §9 item 12), and the few collectives the trainer needs are methods here.
+
+On several nodes nothing changes: RANK and WORLD_SIZE are global (everything the trainer decides follows them),
+LOCAL_RANK only picks this process's GPU. `agree` turns a start-up error met on one node only (a path that node
+lacks) into the same one-line error on every node, instead of a hang or a lost peer on the others.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
 import os
+import platform
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from .config import ConfigError
+
+# Joining the group: every process gets here seconds after torchrun's rendezvous, so a process that never comes
+# (it crashed on its node before joining) ends the others after this long, not after the run timeout.
+JOIN_TIMEOUT = datetime.timedelta(minutes=10)
+# Any later collective: the others may wait this long on rank 0 (a hub download, a checkpoint, an evaluation).
+RUN_TIMEOUT = datetime.timedelta(minutes=60)
 
 
 @dataclass
@@ -49,6 +63,21 @@ class Processes:
                 out /= self.world_size
         return out
 
+    def agree(self, error: Optional[str]) -> None:
+        """Raise ConfigError on every process when any process met a user error at this point (None = none met):
+        rank 0's or every process's message as it is, another process's prefixed with where it ran."""
+        if not self.initialized or self.world_size == 1:
+            if error is not None:
+                raise ConfigError(error)
+            return
+        where = f"rank {self.rank} (node {os.environ.get('GROUP_RANK', '?')}, host {platform.node()})"
+        everyone = [None] * self.world_size
+        dist.all_gather_object(everyone, (where, error))
+        failed = [(rank, origin, message) for rank, (origin, message) in enumerate(everyone) if message is not None]
+        if failed:
+            rank, origin, message = failed[0]
+            raise ConfigError(message if rank == 0 else f"{origin}: {message}")
+
     def broadcast_object(self, value):
         """Rank 0's `value` on every rank (plain picklable data)."""
         if not self.initialized or self.world_size == 1:
@@ -80,7 +109,8 @@ def start(device_preference: str = "auto") -> Processes:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(minutes=60))
+                            timeout=JOIN_TIMEOUT)
+    dist.set_timeout(RUN_TIMEOUT)
     return Processes(rank, world, local_rank, device, True)
 
 

@@ -101,9 +101,8 @@ def setup(loaded: Loaded, procs: distributed.Processes) -> Run:
     and the run folder, the reward, then the models; the run folder is created once they loaded, so a failed
     start leaves nothing behind."""
     config = loaded.values
-    preflight.check_all(config)
     plan = _plan_on_main(config, procs)
-    state = checkpoints.load_state(plan.resume_dir) if plan.resume_dir and plan.upstream_epoch is None else None
+    state = _resume_state(plan, procs)
     if procs.is_main:
         what = ("new run" if plan.resume_dir is None else
                 f"warm start from upstream {os.path.basename(plan.resume_dir)}" if plan.upstream_epoch is not None else
@@ -165,18 +164,33 @@ def setup(loaded: Loaded, procs: distributed.Processes) -> Run:
 
 
 def _plan_on_main(config: dict, procs: distributed.Processes) -> run_folder.RunPlan:
-    """The run folder decided by the main process (its timestamp names it) and shared with the others; a
-    refusal is raised on every process."""
+    """Every process checks what it reads from its own node (preflight: model, prompts, reward weights, device);
+    then the main process (global rank 0) alone decides the run folder (its timestamp names it; on several nodes
+    the others never look at it) and shares it. A refusal on any process is raised on every process."""
     plan, error = None, None
-    if procs.is_main:
-        try:
+    try:
+        preflight.check_all(config)
+        if procs.is_main:
             plan = run_folder.plan_run(config, checkpoints.load_state, checkpoints.math_key_diff, procs.world_size)
-        except ConfigError as caught:
-            error = str(caught)
-    plan, error = procs.broadcast_object((plan, error))
-    if error is not None:
-        raise ConfigError(error)
-    return plan
+    except ConfigError as caught:
+        error = str(caught)
+    procs.agree(error)
+    return procs.broadcast_object(plan)
+
+
+def _resume_state(plan: run_folder.RunPlan, procs: distributed.Processes) -> Optional[dict]:
+    """The checkpoint's training state, read by every process (each restores it); None for a new run or an
+    upstream warm start."""
+    if plan.resume_dir is None or plan.upstream_epoch is not None:
+        return None
+    state, error = None, None
+    try:
+        state = checkpoints.load_state(plan.resume_dir)
+    except ConfigError as caught:
+        error = str(caught) if procs.is_main else (
+            f"{caught}; rank 0 read it, so the run folder must be on a filesystem every node sees")
+    procs.agree(error)
+    return state
 
 
 def make_optimizer(config: dict, params: list):

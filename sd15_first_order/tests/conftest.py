@@ -1,6 +1,14 @@
 """Fixtures shared by the component's tests."""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+COMPONENT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -13,6 +21,33 @@ def one_cpu_thread():
 
 
 PAPER = {"pruned": "config/simple_res-nabladb_sd_hps.yaml", "ours": "config/simple_res-nabladb_sd_hps_usez0_basesnr.yaml"}
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now (tests on a shared machine must not collide on fixed ports)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env() -> dict:
+    """The environment of a trainer started by a test: one thread, no wandb, no hub, no torchrun variables."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT", "GROUP_RANK")}
+    return dict(env, OMP_NUM_THREADS="1", WANDB_MODE="disabled", HF_HUB_OFFLINE="1")
+
+
+@pytest.fixture(scope="session")
+def two_processes_one_node(tmp_path_factory):
+    """The tiny "ours" paper command (2 epochs) under torchrun with 2 gloo processes on one node: the run folder
+    and the console. test_train checks what it trains; test_multi_node compares two nodes with it."""
+    out = tmp_path_factory.mktemp("two_processes")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "simple_res-nabladb.py", "--config", PAPER["ours"], "--tiny", "--output-dir", str(out),
+               "--run-name", "run"]
+    done = subprocess.run(command, cwd=COMPONENT, env=subprocess_env(), capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return out / "run", done.stdout + done.stderr
 
 
 class RecordingLogger:

@@ -179,18 +179,17 @@ def test_killed_run_resumes_in_its_own_folder_without_duplicate_records(ours, tm
     assert len(json.loads((killed / "run.json").read_text())["starts"]) == 2
 
 
-def test_two_gloo_processes_average_gradients_and_save_once(tmp_path):
+def test_two_gloo_processes_average_gradients_and_save_once(two_processes_one_node):
     """torchrun with 2 CPU processes: each rank samples its own prompts and noise, DDP averages the gradients at
     the last backward of each window (no_sync before), the replicas stay identical (checked before saving)."""
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29631"]
-    done = train(OURS, "--output-dir", str(tmp_path), "--run-name", "two", "--set", "train.max_epochs=1",
-                 launcher=torchrun, timeout=400)
-    rows = strict_records(tmp_path / "two" / "metrics.jsonl")
-    epoch = [r for r in rows if r["kind"] == "epoch"][0]
-    assert epoch["samples"] == 4 and epoch["global_step"] == 2 and epoch["eval_samples"] == 4  # 2 a process
-    assert json.loads((tmp_path / "two" / "run.json").read_text())["world_size"] == 2
-    assert done.stdout.count("epoch 1/1  reward") + done.stderr.count("epoch 1/1  reward") == 1  # rank 0 only
-    assert (tmp_path / "two" / "checkpoints" / "checkpoint-1" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    run_dir, console = two_processes_one_node
+    epochs = [r for r in strict_records(run_dir / "metrics.jsonl") if r["kind"] == "epoch"]
+    assert [r["samples"] for r in epochs] == [4, 8] and [r["global_step"] for r in epochs] == [2, 4]
+    assert epochs[0]["eval_samples"] == 4  # 2 a process
+    assert json.loads((run_dir / "run.json").read_text())["world_size"] == 2
+    assert console.count("epoch 1/2  reward") == 1 and console.count("epoch 2/2  reward") == 1  # rank 0 only
+    for n in (1, 2):
+        assert (run_dir / "checkpoints" / f"checkpoint-{n}" / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_offline_evaluation_of_a_run_uses_the_runs_epoch0_prompts_and_reads_upstream_checkpoints(ours, tmp_path):
