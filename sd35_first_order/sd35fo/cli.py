@@ -4,9 +4,10 @@
         [--seed=0] [--output_dir=DIR] [--model=ID_OR_DIR] [--taesd=ID_OR_DIR] [--data_dir=DIR] [--resume=PATH]
         [--device=auto|cpu|cuda] [--tiny] [--check]
 
-One process without a launcher; under `torchrun` every process joins the group (NCCL on GPUs, gloo on CPUs). A
-user's mistake and a diverged run end with one line `error: ...` on stderr (main process) and exit status 1;
-tracebacks are for bugs. Relative paths are relative to the working directory, as upstream.
+One process without a launcher; under `torchrun` (one node or several, its own flags) every process joins the group
+(NCCL on GPUs, gloo on CPUs). A user's mistake and a diverged run end with one line `error: ...` on stderr (global
+rank 0, and the process it happened on) and exit status 1 on every process; tracebacks are for bugs. Relative paths
+are relative to the working directory, as upstream.
 """
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ def _is_main() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def fail(message: str) -> None:
-    if _is_main():
+def fail(message: str, here: bool = False) -> None:
+    """`error: <message>` on stderr of global rank 0 (and of the process the error happened on, `here`, so a
+    failure on another node shows on that node's console too); exit status 1."""
+    if _is_main() or here:
         print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(1)
 
@@ -141,12 +144,12 @@ def main(argv=None) -> None:
     try:
         dist = distributed.from_environment("cpu" if (flags_values.tiny and not flags_values["device"].present)
                                             else flags_values.device)
-    except RuntimeError as error:
-        fail(str(error))
+    except RuntimeError as error:  # before the process group: each process says it
+        fail(str(error), here=True)
     try:
         train(config, dist, name_given=bool(flags_values["exp_name"].present))
     except (ConfigError, DivergenceError) as error:
-        fail(str(error))
+        fail(str(error), here=getattr(error, "print_here", False))
     finally:
         distributed.shutdown()
 

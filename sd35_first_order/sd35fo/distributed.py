@@ -5,12 +5,20 @@ process group: NCCL on GPUs, gloo on CPUs. Nothing is wrapped in DistributedData
 one flat all-reduce before each optimizer step, which is what DDP with `no_sync` during accumulation does (one
 all-reduce per update instead of upstream's one per backward, spec §10 I7), and works the same with adapters
 switched off and on and with several forwards per backward.
+
+One node or several is the same code: `rank` and `world_size` are torchrun's global RANK and WORLD_SIZE, and every
+decision (the main process, seeds, prompt shares, metrics, the run folder, checkpoints) follows them; LOCAL_RANK only
+picks this process's GPU on its node. Two helpers keep a multi-node job from waiting on a process that gave up:
+`first_error` (every process reports its error or None; all of them stop with the first) and `from_main` (global
+rank 0's decision, e.g. the run folder and the resume state, sent to every process).
 """
 from __future__ import annotations
 
 import datetime
 import os
+import socket
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -62,6 +70,36 @@ class Dist:
         for p, g in zip(params, grads):
             p.grad = flat[offset:offset + g.numel()].view_as(g).to(g.dtype).clone()
             offset += g.numel()
+
+    def first_error(self, message: Optional[str]) -> Optional[tuple]:
+        """Collective: every process passes its error (None if it has none); all get `(rank, message)` of the first
+        one in rank order (the message led by its rank and host when that is not rank 0), or None when no process
+        failed. Called at the same point by every process, so an error on one node stops every node with that line
+        instead of leaving the others blocked in the next collective."""
+        if not self.distributed:
+            return None if message is None else (0, message)
+        everyone = [None] * self.world_size
+        dist.all_gather_object(everyone, (message, socket.gethostname()))
+        for rank, (error, host) in enumerate(everyone):
+            if error is not None:
+                return rank, error if rank == 0 else f"rank {rank} of {self.world_size} (host {host}): {error}"
+        return None
+
+    def from_main(self, value):
+        """Global rank 0's `value` (any picklable object) on every process."""
+        if not self.distributed:
+            return value
+        box = [value if self.is_main else None]
+        dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
+        return box[0]
+
+    def hosts(self) -> list:
+        """The host names of the processes, in rank order."""
+        if not self.distributed:
+            return [socket.gethostname()]
+        everyone = [None] * self.world_size
+        dist.all_gather_object(everyone, socket.gethostname())
+        return everyone
 
     def broadcast_(self, tensors) -> None:
         """Rank 0's values everywhere (the LoRA initialisations, so replicas start equal)."""

@@ -162,7 +162,9 @@ def atomic_write(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_start_files(run_dir: str, config, world_size: int, device, resumed_from: Optional[str]) -> None:
+def write_start_files(run_dir: str, config, world_size: int, device, resumed_from: Optional[str],
+                      hosts: Optional[list] = None) -> None:
+    """config.json, and run.json with one entry per start (`hosts`: every process's host, in rank order)."""
     atomic_write(os.path.join(run_dir, "config.json"), json.dumps(strict(config.to_dict()), indent=2) + "\n")
     path = os.path.join(run_dir, "run.json")
     previous = {}
@@ -172,8 +174,10 @@ def write_start_files(run_dir: str, config, world_size: int, device, resumed_fro
                 previous = json.load(f)
         except (OSError, ValueError):
             previous = {}
+    hosts = hosts or [platform.node()]
     start = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv), "world_size": world_size,
-             "device": describe_device(device), "resumed_from": resumed_from}
+             "nodes": len(set(hosts)), "hosts": sorted(set(hosts)), "device": describe_device(device),
+             "resumed_from": resumed_from}
     record = {"component": COMPONENT, "preset": config.get("preset", ""), "tiny": bool(config.get("tiny", False)),
               "git_commit": git_commit(), "versions": library_versions(), "python": platform.python_version(),
               "host": platform.node(), "world_size": world_size, "device": start["device"],

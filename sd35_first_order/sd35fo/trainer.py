@@ -170,29 +170,70 @@ def load_full_vae(config, device):
     return vae.to(device, dtype=torch.float32).requires_grad_(False).eval()
 
 
+def agree(dist, error: Optional[BaseException], kind=config_check.ConfigError) -> None:
+    """Collective: stop every process when any of them failed. The failing process re-raises its own error (and,
+    as the first failure, prints it on its node's console besides rank 0's); the others raise `kind` with the
+    first failure's line, naming its rank and host."""
+    line = None
+    if error is not None:
+        known = isinstance(error, (config_check.ConfigError, DivergenceError))
+        line = str(error) if known else f"{type(error).__name__}: {error}"
+    first = dist.first_error(line)
+    if first is None:
+        return
+    if error is not None:
+        error.print_here = first[0] == dist.rank
+        raise error
+    raise kind(first[1])
+
+
+def start_checks(config, dist, name_given: bool):
+    """(budget, prompt source, evaluation items, run plan), before any model loads. Every process checks the config
+    and what it reads on its own node (model sources, prompt files); global rank 0 alone plans the run folder and
+    reads the resume state, and sends that plan to the others: a second node needs no view of saving.output_dir and
+    never refuses a folder that rank 0 has just created or forked. One error anywhere stops every process."""
+    budget = prompt_source = eval_items = plan = error = None
+    try:
+        budget = config_check.validate(config, dist.world_size)
+        prompt_source, eval_items = preflight.check_all(config)
+        if dist.is_main:
+            plan = run_folder.plan_run(config, checkpoints.load_state, checkpoints.math_key_diff, name_given)
+    except config_check.ConfigError as failed:
+        error = failed
+    agree(dist, error)
+    return budget, prompt_source, eval_items, dist.from_main(plan)
+
+
 def setup(config, dist, name_given: bool = False) -> "Run":
     """Everything before the first epoch, in the contract's order; the run folder is created only once the models
     loaded, so a failed start leaves nothing behind."""
-    budget = config_check.validate(config, dist.world_size)
-    prompt_source, eval_items = preflight.check_all(config)
-    plan = run_folder.plan_run(config, checkpoints.load_state, checkpoints.math_key_diff, name_given)
+    budget, prompt_source, eval_items, plan = start_checks(config, dist, name_given)
     if dist.is_main:
         what = (f"resuming {os.path.basename(plan.resume_dir)} (epoch {plan.resume_state['epoch']})"
                 if plan.resume_dir else "new run")
         logger.info("run folder: %s (%s)", plan.run_dir, what)
+        trained_on = int(plan.resume_state.get("world_size", dist.world_size) if plan.resume_dir else dist.world_size)
+        if trained_on != dist.world_size:
+            logger.warning("the checkpoint was trained on %d processes, this run has %d: %s", trained_on,
+                           dist.world_size, "the same numbers up to rounding, since every process draws the same "
+                           "samples (quirks.same_seed_all_ranks)" if config.quirks.same_seed_all_ranks else
+                           f"each update now averages the gradients of {dist.world_size} process(es), not {trained_on}")
     device, dtype = dist.device, weight_dtype(config.training.mixed_precision)
-    try:
+    reward_fn = pipe = error = None
+    try:  # the reward weights and the models can be missing or unreadable on one node only
         reward_fn = build_reward(config.experiment.reward_fn, dict(config.experiment.reward_options), device)
-    except RewardLoadError as error:
-        raise config_check.ConfigError(str(error)) from None
-
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    torch.manual_seed(config.seed)  # LoRA initialisations: the same draws on every rank
-    if config.training.allow_tf32 and device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    pipe = load_models(config, device, dtype)
+        random.seed(config.seed)
+        np.random.seed(config.seed)
+        torch.manual_seed(config.seed)  # LoRA initialisations: the same draws on every rank
+        if config.training.allow_tf32 and device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
+        pipe = load_models(config, device, dtype)
+    except RewardLoadError as failed:
+        error = config_check.ConfigError(str(failed))
+    except config_check.ConfigError as failed:
+        error = failed
+    agree(dist, error)
     transformer = pipe.transformer
     base_for_value = None
     if config.model.use_value_net and config.model.value_net_param != "small":
@@ -238,18 +279,18 @@ def setup(config, dist, name_given: bool = False) -> "Run":
         value_autocast=torch.bfloat16 if dtype != torch.float32 else None, timer=timer)
     eval_vae = load_full_vae(config, device) if (config.eval.enabled and config.eval.decoder == "vae") else None
 
-    state = plan.resume_state
-    if dist.is_main:
-        run_folder.create_run_dir(plan, state["metrics_lines"] if state else None)
-    dist.barrier()
-    try:
+    state, hosts, error = plan.resume_state, dist.hosts(), None
+    try:  # global rank 0 alone writes the run folder
+        if dist.is_main:
+            run_folder.create_run_dir(plan, state["metrics_lines"] if state else None)
         metric_logger = MetricLogger(plan.run_dir, config, dist.is_main)
         if dist.is_main:
-            run_folder.write_start_files(plan.run_dir, config, dist.world_size, device, plan.resume_dir)
-    except BaseException:
+            run_folder.write_start_files(plan.run_dir, config, dist.world_size, device, plan.resume_dir, hosts)
+    except BaseException as failed:
         if dist.is_main:
             run_folder.remove_if_empty_start(plan)
-        raise
+        error = failed
+    agree(dist, error)
     run = Run(config, dist, budget, pipe, transformer, pipe.vae, reward_fn, reward_grad, algorithm, value,
               policy_params, value_params, optimizer, scaler, sigmas, timesteps, prompt_source, eval_items,
               plan.run_dir, metric_logger, timer, dtype, eval_vae=eval_vae, plan=plan)
@@ -361,33 +402,44 @@ def sample_epoch(run: Run, epoch: int) -> dict:
     config, dist = run.config, run.dist
     rank_key = () if config.quirks.same_seed_all_ranks else (dist.rank,)
     run.transformer.eval()
-    batches, last_images = [], None
-    for b in progress(run, range(config.sampling.num_batches_per_epoch), f"epoch {epoch + 1} sampling"):
-        rng = random.Random(seed_from(config.seed, epoch, b, 11, *rank_key))
-        drawn = [run.prompt_source.draw(rng) for _ in range(config.sampling.batch_size)]
-        prompts, metadata = [p for p, _ in drawn], [m for _, m in drawn]
-        noise = generator(config.seed, epoch, b, 13, *rank_key, device=_generator_device(run))
-        try:
-            record, images = rollout_batch(
-                pipe=run.pipe, transformer=run.transformer, vae=run.vae, reward_fn=run.reward_fn,
-                reward_grad=run.reward_grad, prompts=prompts, metadata=metadata, sigmas=run.sigmas,
-                timesteps=run.timesteps, guidance_scale=config.sampling.guidance_scale, generator=noise,
-                device=dist.device, weight_dtype=run.dtype, keep_velocities=config.model.unet_reg_scale > 0,
-                terminal_gradient=config.training.use_saved_rgrad_x1, leaf_dtype=run.algorithm.leaf_dtype,
-                timer=run.timer)
-        except NonFiniteRollout:
-            raise DivergenceError(
-                f"training diverged at epoch {epoch + 1} (sampling): the policy after step {run.global_step} produces "
-                f"non-finite latents; last checkpoint: {run.last_checkpoint or 'none saved yet'}; lower training.lr "
-                "and resume from an earlier checkpoint") from None
-        batches.append(record)
-        last_images = (images, prompts, record["rewards"])
+    batches, last_images, error = [], None, None
+    try:
+        for b in progress(run, range(config.sampling.num_batches_per_epoch), f"epoch {epoch + 1} sampling"):
+            record, images, prompts = _sample_batch(run, epoch, b, rank_key)
+            batches.append(record)
+            last_images = (images, prompts, record["rewards"])
+    except DivergenceError as failed:  # with quirks.same_seed_all_ranks=False one process can diverge alone
+        error = failed
+    agree(dist, error, DivergenceError)
     samples = concatenate(batches)
     everyone = dist.gather(samples["rewards"].double()).reshape(-1).cpu().numpy()
     run.epoch_info.update({"reward_mean": float(everyone.mean()), "reward_std": float(everyone.std()),
                            "samples_this_epoch": int(everyone.size)})
     run.logger.log_images(*last_images, epoch=epoch + 1)
     return samples
+
+
+def _sample_batch(run: Run, epoch: int, b: int, rank_key: tuple):
+    """Rollout batch `b` of the epoch: (record, decoded images, prompts)."""
+    config, dist = run.config, run.dist
+    rng = random.Random(seed_from(config.seed, epoch, b, 11, *rank_key))
+    drawn = [run.prompt_source.draw(rng) for _ in range(config.sampling.batch_size)]
+    prompts, metadata = [p for p, _ in drawn], [m for _, m in drawn]
+    noise = generator(config.seed, epoch, b, 13, *rank_key, device=_generator_device(run))
+    try:
+        record, images = rollout_batch(
+            pipe=run.pipe, transformer=run.transformer, vae=run.vae, reward_fn=run.reward_fn,
+            reward_grad=run.reward_grad, prompts=prompts, metadata=metadata, sigmas=run.sigmas,
+            timesteps=run.timesteps, guidance_scale=config.sampling.guidance_scale, generator=noise,
+            device=dist.device, weight_dtype=run.dtype, keep_velocities=config.model.unet_reg_scale > 0,
+            terminal_gradient=config.training.use_saved_rgrad_x1, leaf_dtype=run.algorithm.leaf_dtype,
+            timer=run.timer)
+    except NonFiniteRollout:
+        raise DivergenceError(
+            f"training diverged at epoch {epoch + 1} (sampling): the policy after step {run.global_step} produces "
+            f"non-finite latents; last checkpoint: {run.last_checkpoint or 'none saved yet'}; lower training.lr "
+            "and resume from an earlier checkpoint") from None
+    return record, images, prompts
 
 
 def _generator_device(run: Run):
@@ -510,13 +562,18 @@ def evaluate(run: Run) -> dict:
                 "training.lr and resume from an earlier checkpoint")
 
     run.transformer.eval()
-    sums, _ = score_items(
-        pipe=run.pipe, transformer=run.transformer, vae=run.eval_vae if run.eval_vae is not None else run.vae,
-        reward_fn=run.reward_fn, items=run.eval_items,
-        indices=list(range(dist.rank, len(run.eval_items), dist.world_size)), sigmas=run.sigmas,
-        timesteps=run.timesteps, guidance_scale=config.sampling.guidance_scale, batch_size=config.sampling.batch_size,
-        seed=config.seed, device=dist.device, dtype=run.dtype, check_finite=check_finite,
-        progress=lambda it: progress(run, it, "evaluation"))
+    sums, error = None, None
+    try:  # each process evaluates other prompts: one of them can find non-finite latents alone
+        sums, _ = score_items(
+            pipe=run.pipe, transformer=run.transformer, vae=run.eval_vae if run.eval_vae is not None else run.vae,
+            reward_fn=run.reward_fn, items=run.eval_items,
+            indices=list(range(dist.rank, len(run.eval_items), dist.world_size)), sigmas=run.sigmas,
+            timesteps=run.timesteps, guidance_scale=config.sampling.guidance_scale,
+            batch_size=config.sampling.batch_size, seed=config.seed, device=dist.device, dtype=run.dtype,
+            check_finite=check_finite, progress=lambda it: progress(run, it, "evaluation"))
+    except DivergenceError as failed:
+        error = failed
+    agree(dist, error, DivergenceError)
     dist.sum_(sums)
     return {"eval_reward_mean": (sums[0] / sums[1].clamp(min=1)).item(),
             "eval_transition_drift": (sums[2] / sums[3].clamp(min=1)).item(),

@@ -164,15 +164,11 @@ def test_resuming_under_another_exp_name_forks_and_leaves_the_source_untouched(r
     assert (run_dir / "metrics.jsonl").read_text() == before
 
 
-def test_two_gloo_processes_with_same_seeds_reproduce_the_one_process_run(runs, tmp_path):
-    """torchrun, 2 CPU processes: each samples its own batch (the same prompts and noise, upstream's identical
-    seeding, spec §9.9), gradients are averaged, replicas agree (checked before saving); the result equals the
-    1-process run, as the spec says of the 4-GPU paper runs."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29763",
-               "train_vggflow.py", *OURS, "--tiny", f"--output_dir={tmp_path}"]
-    done = subprocess.run(command, cwd=COMPONENT, env=_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-5000:]
-    two = tmp_path / "hpscore_vggflow_OURS_seed0"
+def test_two_gloo_processes_with_same_seeds_reproduce_the_one_process_run(runs, two_processes_on_one_node):
+    """torchrun, 2 CPU processes (conftest.py): each samples its own batch (the same prompts and noise, upstream's
+    identical seeding, spec §9.9), gradients are averaged, replicas agree (checked before saving); the result equals
+    the 1-process run, as the spec says of the 4-GPU paper runs."""
+    two = two_processes_on_one_node
     one = runs["ours"][0]
     epochs2, epochs1 = records(two, "epoch"), records(one, "epoch")
     assert [e["samples"] for e in epochs2] == [4, 8]

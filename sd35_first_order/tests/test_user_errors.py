@@ -196,3 +196,18 @@ def test_resuming_with_a_changed_objective_names_the_keys_and_can_be_overridden(
         trainer.setup(paper_config(saving__resume_from=path, model__reward_scale=2e7, training__num_epochs=5,
                                    saving__resume_ignore_config_changes=True,
                                    saving__output_dir=str(tmp_path / "runs")), Dist())
+
+
+def test_resuming_on_another_world_size_says_what_that_changes(tmp_path, monkeypatch, caplog):
+    """A checkpoint of 4 processes resumed on 1 (or on more nodes): allowed, with a warning that names the effect."""
+    path = _checkpoint(tmp_path / "existing_run", epoch=1, world_size=4)
+    monkeypatch.setattr(trainer, "load_models", lambda *a, **k: (_ for _ in ()).throw(Tripwire()))
+    for same_seed, effect in ((True, "the same numbers up to rounding"),
+                              (False, "each update now averages the gradients of 1 process(es), not 4")):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="sd35fo.trainer"), pytest.raises(Tripwire):
+            trainer.setup(paper_config(saving__resume_from=path, training__num_epochs=5,
+                                       quirks__same_seed_all_ranks=same_seed,
+                                       saving__resume_ignore_config_changes=True,
+                                       saving__output_dir=str(tmp_path / "runs")), Dist())
+        assert f"the checkpoint was trained on 4 processes, this run has 1: {effect}" in caplog.text
