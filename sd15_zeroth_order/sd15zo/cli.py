@@ -7,8 +7,10 @@
     python train_grpo.py --config ... --set learning_rate=1e-4 --set run_name=a --output-dir runs --model <dir>
 
 A user's mistake (a bad value or path, a run folder that already holds a run, a checkpoint that does not fit) and
-a diverged run end with one line `error: ...` on stderr (from the main process) and exit status 1; tracebacks are
-left for bugs. Only the main process logs at INFO.
+a diverged run end with one line `error: ...` on stderr (from the main process, global rank 0, also when another
+node found the mistake) and exit status 1 on every process; tracebacks are left for bugs. Only the main process
+logs at INFO. The same command runs on several nodes under `accelerate launch --num_machines ...` or `torchrun
+--nnodes ...` (README "More than one node").
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from .config import PRESETS, TRAINER_SCRIPTS, ConfigError, load_config
 
 
 def _is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+    return os.environ.get("RANK", "0") == "0"  # the global rank (torchrun, accelerate), not LOCAL_RANK
 
 
 def _fail(message: str) -> None:
@@ -62,20 +64,20 @@ def run_trainer(trainer: str, argv=None) -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     diffusers.utils.logging.set_verbosity_error()
-    try:
-        config = load_config(trainer, args.config, args.set, tiny=args.tiny, model=args.model,
-                             output_dir=args.output_dir)
-    except ConfigError as error:
-        _fail(str(error))
     from accelerate import Accelerator
 
+    from .distributed import together
     from .trainer_common import DivergenceError
 
-    cpu = args.cpu or args.tiny
-    # mixed precision is the trainers' own autocast and grad scaler: the Accelerator gives devices and collectives
-    accelerator = Accelerator(cpu=cpu)
-    module = importlib.import_module(f"sd15zo.trainer_{trainer}")
+    # mixed precision is the trainers' own autocast and grad scaler: the Accelerator gives devices and collectives.
+    # It starts first (it only joins the process group) so that a config that fails on one node alone (a --config
+    # path missing there) ends every node with its line instead of leaving the others waiting for it.
+    accelerator = Accelerator(cpu=args.cpu or args.tiny)
     try:
+        with together(accelerator):
+            config = load_config(trainer, args.config, args.set, tiny=args.tiny, model=args.model,
+                                 output_dir=args.output_dir)
+        module = importlib.import_module(f"sd15zo.trainer_{trainer}")
         module.train(config, accelerator)
     except (ConfigError, DivergenceError) as error:
         _fail(str(error))

@@ -3,6 +3,7 @@
     <logging_dir>/<run_name>/
         config.json                       the resolved config, with the derived budget
         run.json                          component, config file, command lines, git commit, versions, world size
+                                          (all processes, every node) and nodes
         metrics.jsonl                     strict JSON, "kind": "step" per optimizer update, "epoch" per epoch
         checkpoints/checkpoint-<n>/       after n trained epochs (checkpoints.py)
         images/epoch_<n>.jpg, eval_<n>.jpg
@@ -187,7 +188,8 @@ def create_run_dir(plan: RunPlan, metrics_lines: Optional[int]) -> None:
 
 
 def write_start_files(run_dir: str, config, budget, world_size: int, device, resumed_from: Optional[str]) -> None:
-    """config.json (resolved config + derived budget) and run.json (one entry per start)."""
+    """config.json (resolved config + derived budget) and run.json (one entry per start); written by global rank 0,
+    `world_size` counting the processes of every node."""
     resolved = {**config.to_dict(), "derived": budget.__dict__ if budget is not None else {}}
     atomic_write(os.path.join(run_dir, "config.json"), json.dumps(strict(resolved), indent=2) + "\n")
     path = os.path.join(run_dir, "run.json")
@@ -198,11 +200,12 @@ def write_start_files(run_dir: str, config, budget, world_size: int, device, res
                 previous = json.load(f)
         except (OSError, ValueError):
             previous = {}
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))  # torchrun's (and accelerate launch's) node count
     start = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv), "world_size": world_size,
-             "device": describe_device(device), "resumed_from": resumed_from}
+             "nodes": nodes, "device": describe_device(device), "resumed_from": resumed_from}
     record = {"component": COMPONENT, "trainer": TRAINER_SCRIPTS[config.trainer], "config_file": config.config_file,
               "tiny": config.tiny, "git_commit": git_commit(), "versions": library_versions(),
-              "python": platform.python_version(), "host": platform.node(), "world_size": world_size,
+              "python": platform.python_version(), "host": platform.node(), "world_size": world_size, "nodes": nodes,
               "device": start["device"], "starts": previous.get("starts", []) + [start]}
     atomic_write(path, json.dumps(record, indent=2) + "\n")
 

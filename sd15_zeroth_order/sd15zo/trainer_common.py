@@ -6,7 +6,9 @@ trajectories) and `trainer_grpo_pr` (ours, branching); both read as named phases
 
 Set-up order (contract §2): config values and budget, the model path / prompt file / libraries, the run folder and
 the resume state, the reward, the scheduler's σ check, and only then the UNet, VAE and text encoder; the run
-folder is created once they have loaded, so a failed start leaves nothing behind.
+folder is created once they have loaded, so a failed start leaves nothing behind. With several processes (on one
+node or many) every check runs on every process and a failure anywhere stops all of them with its line; the run
+folder is decided and written by global rank 0 alone (`distributed.py`).
 
 Differences from upstream, on purpose (spec §11): every random draw of an epoch comes from generators seeded by
 (seed, rank, epoch, purpose), so a resumed run repeats the uninterrupted one exactly; gradients are averaged over
@@ -29,7 +31,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from . import checkpoints, config as config_module, models as sd_models, preflight, prompts as prompt_sets, run_folder
+from . import checkpoints, config as config_module, distributed, models as sd_models, preflight, run_folder
+from . import prompts as prompt_sets
 from .config import ConfigError
 from .ddim import ddim_step_with_logprob
 from .losses import RATIO_ALGORITHMS, RowLoss, clamp_advantages, gaussian_kl_rows, noise_matching_row_loss, \
@@ -124,19 +127,21 @@ def scaled_learning_rate(config, budget, world_size: int) -> float:
 
 def setup(config, accelerator) -> Run:
     """Everything before the first epoch (order in the module docstring)."""
-    budget = config_module.validate(config)
-    prompts = preflight.check_all(config)
-    plan = run_folder.plan_run(config, checkpoints.load_state, checkpoints.math_key_diff)
-    main = accelerator.is_main_process
+    with distributed.together(accelerator):  # each process (each node) checks the files it sees
+        budget = config_module.validate(config)
+        prompts = preflight.check_all(config)
+    plan = plan_on_main(config, accelerator)
+    main = accelerator.is_main_process  # global rank 0: the one process that writes the run folder
     if main:
         what = (f"resuming {os.path.basename(plan.resume_dir)} (epoch {plan.resume_state['epoch']})"
                 if plan.resume_dir else "new run")
         logger.info("run folder: %s (%s)", plan.run_dir, what)
     device = accelerator.device
-    scorer = Scorer(build_reward(config, device), config.reward_batch_size, config.reward_score_dtype)
-    scheduler = sd_models._from_pretrained(config.pretrained_model, config.revision, None, "scheduler",
-                                           lambda m: sd_models.load_scheduler(m, config.revision))
-    config_module.check_sigma(config, scheduler.alphas_cumprod, lambda n: inference_timesteps(scheduler, n))
+    with distributed.together(accelerator):
+        scorer = Scorer(build_reward(config, device), config.reward_batch_size, config.reward_score_dtype)
+        scheduler = sd_models._from_pretrained(config.pretrained_model, config.revision, None, "scheduler",
+                                               lambda m: sd_models.load_scheduler(m, config.revision))
+        config_module.check_sigma(config, scheduler.alphas_cumprod, lambda n: inference_timesteps(scheduler, n))
 
     if config.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -174,6 +179,24 @@ def setup(config, accelerator) -> Run:
         logger.info("budget (per process): %s; %d trainable parameters, lr %g", budget.summary(),
                     sum(p.numel() for p in params), lr)
     return run
+
+
+def plan_on_main(config, accelerator) -> run_folder.RunPlan:
+    """The run folder and the checkpoint to resume, decided by global rank 0 alone and sent to every process (on a
+    shared save dir, another node deciding for itself could find the folder rank 0 has just created and refuse);
+    every other process then reads that checkpoint itself, so the save dir must be one every node sees."""
+    with distributed.together(accelerator):
+        plan = (run_folder.plan_run(config, checkpoints.load_state, checkpoints.math_key_diff)
+                if accelerator.is_main_process else None)
+    if accelerator.num_processes == 1:
+        return plan
+    run_dir, resume_dir, fork_from = distributed.from_main(
+        accelerator, (plan.run_dir, plan.resume_dir, plan.fork_from) if plan is not None else None)
+    with distributed.together(accelerator):
+        if plan is None:
+            state = checkpoints.load_state(resume_dir) if resume_dir else None
+            plan = run_folder.RunPlan(run_dir, resume_dir, state, fork_from)
+    return plan
 
 
 # ------------------------------------------------------------------------------------------------ logging

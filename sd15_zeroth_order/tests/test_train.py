@@ -5,7 +5,8 @@
 two epochs each on a CPU in fp32, with the tiny HPS reward through shared_rewards; then a run interrupted after
 epoch 1 and resumed in its own folder (and one resumed into a new folder), which must repeat the uninterrupted
 run exactly (same metrics, same LoRA bytes: same computations on the same thread count), and 2-process gloo
-runs under torchrun. The uninterrupted runs are module fixtures reused by many assertions.
+runs under torchrun (conftest's `two_process_run`). The uninterrupted runs are module fixtures reused by many
+assertions.
 """
 import json
 import subprocess
@@ -15,9 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import COMPONENT, subprocess_env
+from conftest import COMPONENT, SCRIPTS, subprocess_env
 
-SCRIPTS = {"grpo": "train_grpo.py", "grpo_pr": "train_grpo_pr.py"}
 CONTRACT_EPOCH_KEYS = {"epoch", "global_step", "samples", "reward_mean", "reward_std", "time_per_epoch", "elapsed_s",
                        "peak_memory_mib"}
 TIMING_KEYS = {"time_per_epoch", "sample_time_per_epoch", "reward_wait_time_per_epoch", "train_time_per_epoch",
@@ -25,15 +25,12 @@ TIMING_KEYS = {"time_per_epoch", "sample_time_per_epoch", "reward_wait_time_per_
                "checkpoint_path"}
 
 
-def command(trainer, *args, processes=1, port=29640):
-    if processes == 1:
-        return [sys.executable, SCRIPTS[trainer], "--tiny", *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(processes),
-            "--master_port", str(port), SCRIPTS[trainer], "--tiny", *args]
+def command(trainer, *args):
+    return [sys.executable, SCRIPTS[trainer], "--tiny", *args]
 
 
-def start(trainer, *args, **kw):
-    return subprocess.Popen(command(trainer, *args, **kw), cwd=COMPONENT, env=subprocess_env(), text=True,
+def start(trainer, *args):
+    return subprocess.Popen(command(trainer, *args), cwd=COMPONENT, env=subprocess_env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
@@ -176,14 +173,13 @@ def test_resume_into_another_folder_forks_with_the_history(full_runs, tmp_path):
     assert lora_file(tmp_path / "fork", 2).read_bytes() == lora_file(full_dir, 2).read_bytes()
 
 
-@pytest.mark.parametrize("trainer, port", [("grpo", 29641), ("grpo_pr", 29642)])
-def test_two_process_gloo_run_averages_gradients_and_writes_once(tmp_path, trainer, port):
-    out = finish(start(trainer, "--output-dir", str(tmp_path), "--set", "run_name=ddp", "--set", "num_train_epochs=1",
-                       processes=2, port=port))
-    run_dir = tmp_path / "ddp"
+@pytest.mark.parametrize("trainer, epochs", [("grpo", 1), ("grpo_pr", 2)])
+def test_two_process_gloo_run_averages_gradients_and_writes_once(two_process_run, trainer, epochs):
+    # torchrun --nproc_per_node 2 (conftest); ours' 2-epoch run is also test_multi_node's reference
+    run_dir, out = two_process_run(trainer, epochs)
     assert json.loads((run_dir / "run.json").read_text())["world_size"] == 2
     rows = records(run_dir)
-    assert [r["kind"] for r in rows] == ["step", "step", "epoch"]  # one writer
+    assert [r["kind"] for r in rows] == ["step", "step", "epoch"] * epochs  # one writer
     per_epoch = 4 if trainer == "grpo" else 32
-    assert rows[-1]["samples"] == 2 * per_epoch  # both processes' rewards counted
-    assert lora_file(run_dir, 1).is_file() and out.count("run folder:") == 1
+    assert [r["samples"] for r in rows if r["kind"] == "epoch"] == [2 * per_epoch * (n + 1) for n in range(epochs)]
+    assert all(lora_file(run_dir, n + 1).is_file() for n in range(epochs)) and out.count("run folder:") == 1
